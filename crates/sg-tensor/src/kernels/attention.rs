@@ -1,0 +1,610 @@
+//! Multi-head scaled-dot-product attention, forward and backward, without the `seq x seq`
+//! probability matrix: queries are taken in blocks of [`BLOCK_Q`] rows against key blocks of up to
+//! [`BLOCK_K`] with an online softmax (running max and sum), and the forward keeps only each row's
+//! log-sum-exp; the backward recomputes the probabilities tile by tile (FlashAttention-2's scheme).
+//! Tasks are (batch, head) pairs spread over the pool; the tile products run serially inside them.
+//!
+//! Layout: token `t` of batch `b` is row `b * seq + t` of a row-major buffer with leading dimension
+//! `ld`, and head `h` occupies columns `h * head_dim .. (h + 1) * head_dim` of that row. So q, k and v
+//! can be three offset views of one fused QKV projection (`ld = 3 * heads * head_dim`) and the output
+//! feeds the output projection directly: no head transposes anywhere.
+
+use super::gemm::gemm_serial_raw;
+use super::{math, softmax::dot_serial, Dst};
+use crate::error::{check_len, check_min_len, Result, TensorError};
+use crate::par::{self, SendPtr};
+use crate::simd::{isa, Isa, Scalar, Simd};
+
+/// Query rows per tile.
+pub const BLOCK_Q: usize = 64;
+/// Most key rows per tile (sequences up to this length use one key tile).
+pub const BLOCK_K: usize = 256;
+
+/// The sizes of an attention problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn check(&self, op: &'static str) -> Result<()> {
+        if self.head_dim == 0 || self.heads == 0 {
+            return Err(TensorError::Shape {
+                op,
+                msg: format!("{self:?} has no columns"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Floating-point operations of the forward (two products of `seq^2 * head_dim` each).
+    pub fn forward_flops(&self) -> f64 {
+        4.0 * (self.batch * self.heads) as f64 * (self.seq * self.seq * self.head_dim) as f64
+    }
+}
+
+/// A read-only row-strided operand: `data` starts at the operand's first column.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+}
+
+/// A writable row-strided operand.
+#[derive(Debug)]
+pub struct RowsMut<'a> {
+    pub data: &'a mut [f32],
+    pub ld: usize,
+}
+
+/// Where the backward writes dq, dk and dv.
+#[derive(Debug)]
+pub enum QkvGrad<'a> {
+    /// Three separate buffers.
+    Separate {
+        dq: RowsMut<'a>,
+        dk: RowsMut<'a>,
+        dv: RowsMut<'a>,
+    },
+    /// One buffer whose rows are `[dq | dk | dv]`, each `heads * head_dim` wide (the gradient of a
+    /// fused QKV projection).
+    Packed(&'a mut [f32]),
+}
+
+fn check_rows(
+    op: &'static str,
+    arg: &'static str,
+    s: &AttnShape,
+    ld: usize,
+    len: usize,
+) -> Result<()> {
+    let w = s.width();
+    if ld < w {
+        return Err(TensorError::Shape {
+            op,
+            msg: format!("`{arg}` has row stride {ld}, less than heads x head_dim = {w}"),
+        });
+    }
+    let rows = s.batch * s.seq;
+    if rows == 0 {
+        return Ok(());
+    }
+    check_min_len(op, arg, len, (rows - 1) * ld + w)
+}
+
+/// Attention forward: `out = softmax(scale * q k^T) v` per batch and head. `lse` (training: `batch x
+/// heads x seq`) receives each query row's log-sum-exp for the backward.
+pub fn forward(
+    s: AttnShape,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    scale: f32,
+    out: RowsMut,
+    lse: Option<&mut [f32]>,
+) -> Result<()> {
+    let op = "attention::forward";
+    s.check(op)?;
+    check_rows(op, "q", &s, q.ld, q.data.len())?;
+    check_rows(op, "k", &s, k.ld, k.data.len())?;
+    check_rows(op, "v", &s, v.ld, v.data.len())?;
+    check_rows(op, "out", &s, out.ld, out.data.len())?;
+    let lse_ptr = match lse {
+        Some(l) => {
+            check_len(op, "lse", l.len(), s.batch * s.heads * s.seq)?;
+            Some(SendPtr(l.as_mut_ptr()))
+        }
+        None => None,
+    };
+    if s.seq == 0 || s.batch == 0 {
+        return Ok(());
+    }
+    let isa = isa();
+    let op_ = SendPtr(out.data.as_mut_ptr());
+    let ld_out = out.ld;
+    let tasks = s.batch * s.heads;
+    par::for_each(tasks, tasks > 1 && par::can_split(), |t| {
+        let (b, h) = (t / s.heads, t % s.heads);
+        let base = |ld: usize| b * s.seq * ld + h * s.head_dim;
+        // SAFETY: task (b, h) writes only head h's columns of batch b's rows of `out`, and its own
+        // `seq` entries of `lse`; extents were checked above.
+        unsafe {
+            let qh = q.data.as_ptr().add(base(q.ld));
+            let kh = k.data.as_ptr().add(base(k.ld));
+            let vh = v.data.as_ptr().add(base(v.ld));
+            let oh = op_.get().add(base(ld_out));
+            let lh = lse_ptr.map(|p| p.get().add(t * s.seq));
+            crate::dispatch!(isa, forward_head[](isa, &s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh))
+        }
+    });
+    Ok(())
+}
+
+/// Key tile length: the sequence cut into near-equal tiles of at most [`BLOCK_K`].
+fn key_block(seq: usize) -> usize {
+    seq.div_ceil(seq.div_ceil(BLOCK_K))
+}
+
+/// `row = exp(row - m)` in place; returns the row's sum.
+#[inline(always)]
+fn exp_shift_sum<S: Simd>(row: &mut [f32], m: f32) -> f32 {
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let vm = S::splat(m);
+    let mut acc = S::splat(0.0);
+    let mut i = 0;
+    while i + S::LANES <= n {
+        unsafe {
+            let e = math::exp::<S>(S::sub(S::load(p.add(i)), vm));
+            S::store(p.add(i), e);
+            acc = S::add(acc, e);
+        }
+        i += S::LANES;
+    }
+    let mut sum = S::reduce_sum(acc);
+    while i < n {
+        let e = math::exp::<Scalar>(row[i] - m);
+        row[i] = e;
+        sum += e;
+        i += 1;
+    }
+    sum
+}
+
+#[inline(always)]
+fn scale_row<S: Simd>(row: &mut [f32], a: f32) {
+    super::unary_inplace_serial::<S, Mul>(&Mul(a), row);
+}
+
+struct Mul(f32);
+impl super::Unary for Mul {
+    #[inline(always)]
+    fn f<S: Simd>(&self, x: S::V) -> S::V {
+        S::mul(x, S::splat(self.0))
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_head<S: Simd>(
+    isa: Isa,
+    s: &AttnShape,
+    q: *const f32,
+    ldq: usize,
+    k: *const f32,
+    ldk: usize,
+    v: *const f32,
+    ldv: usize,
+    scale: f32,
+    out: *mut f32,
+    ldo: usize,
+    lse: Option<*mut f32>,
+) {
+    let (seq, hd) = (s.seq, s.head_dim);
+    let bk = key_block(seq);
+    let mut sc = vec![0f32; BLOCK_Q * bk];
+    let mut acc = vec![0f32; BLOCK_Q * hd];
+    let mut m = [0f32; BLOCK_Q];
+    let mut l = [0f32; BLOCK_Q];
+    for i0 in (0..seq).step_by(BLOCK_Q) {
+        let bq = BLOCK_Q.min(seq - i0);
+        for j0 in (0..seq).step_by(bk) {
+            let nk = bk.min(seq - j0);
+            let first = j0 == 0;
+            // Scores of this tile: scale * Q_i K_j^T.
+            gemm_serial_raw(
+                isa,
+                bq,
+                nk,
+                hd,
+                scale,
+                q.add(i0 * ldq),
+                ldq as isize,
+                1,
+                k.add(j0 * ldk),
+                1,
+                ldk as isize,
+                0.0,
+                sc.as_mut_ptr(),
+                nk as isize,
+            );
+            for r in 0..bq {
+                let row = &mut sc[r * nk..(r + 1) * nk];
+                let mx = super::reduce::max_serial::<S>(row);
+                let m_new = if first { mx } else { m[r].max(mx) };
+                let sum = exp_shift_sum::<S>(row, m_new);
+                if first {
+                    l[r] = sum;
+                } else {
+                    let alpha = (m[r] - m_new).exp();
+                    l[r] = l[r] * alpha + sum;
+                    scale_row::<S>(&mut acc[r * hd..(r + 1) * hd], alpha);
+                }
+                m[r] = m_new;
+            }
+            // acc += P V_j (overwrite on the first key tile).
+            gemm_serial_raw(
+                isa,
+                bq,
+                hd,
+                nk,
+                1.0,
+                sc.as_ptr(),
+                nk as isize,
+                1,
+                v.add(j0 * ldv),
+                ldv as isize,
+                1,
+                if first { 0.0 } else { 1.0 },
+                acc.as_mut_ptr(),
+                hd as isize,
+            );
+        }
+        for r in 0..bq {
+            let o = std::slice::from_raw_parts_mut(out.add((i0 + r) * ldo), hd);
+            let inv = 1.0 / l[r];
+            super::unary_serial::<S, Mul>(&Mul(inv), &acc[r * hd..(r + 1) * hd], o, Dst::Overwrite);
+            if let Some(lp) = lse {
+                *lp.add(i0 + r) = m[r] + l[r].ln();
+            }
+        }
+    }
+}
+
+/// Attention backward from the forward's output `o`, its gradient `dout` and the saved `lse`;
+/// overwrites dq, dk and dv.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    s: AttnShape,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    o: Rows,
+    dout: Rows,
+    lse: &[f32],
+    scale: f32,
+    grads: QkvGrad,
+) -> Result<()> {
+    let op = "attention::backward";
+    s.check(op)?;
+    for (name, r) in [("q", &q), ("k", &k), ("v", &v), ("o", &o), ("dout", &dout)] {
+        check_rows(op, name, &s, r.ld, r.data.len())?;
+    }
+    check_len(op, "lse", lse.len(), s.batch * s.heads * s.seq)?;
+    let w = s.width();
+    // Base pointers and row strides of dq, dk, dv.
+    let (dq, dk, dv, lddq, lddk, lddv) = match grads {
+        QkvGrad::Separate { dq, dk, dv } => {
+            check_rows(op, "dq", &s, dq.ld, dq.data.len())?;
+            check_rows(op, "dk", &s, dk.ld, dk.data.len())?;
+            check_rows(op, "dv", &s, dv.ld, dv.data.len())?;
+            (
+                SendPtr(dq.data.as_mut_ptr()),
+                SendPtr(dk.data.as_mut_ptr()),
+                SendPtr(dv.data.as_mut_ptr()),
+                dq.ld,
+                dk.ld,
+                dv.ld,
+            )
+        }
+        QkvGrad::Packed(buf) => {
+            check_len(op, "dqkv", buf.len(), s.batch * s.seq * 3 * w)?;
+            let p = buf.as_mut_ptr();
+            // SAFETY: offsets w and 2w lie inside the checked buffer (or it is empty and unused).
+            unsafe {
+                (
+                    SendPtr(p),
+                    SendPtr(p.add(w)),
+                    SendPtr(p.add(2 * w)),
+                    3 * w,
+                    3 * w,
+                    3 * w,
+                )
+            }
+        }
+    };
+    if s.seq == 0 || s.batch == 0 {
+        return Ok(());
+    }
+    let isa = isa();
+    let tasks = s.batch * s.heads;
+    par::for_each(tasks, tasks > 1 && par::can_split(), |t| {
+        let (b, h) = (t / s.heads, t % s.heads);
+        let base = |ld: usize| b * s.seq * ld + h * s.head_dim;
+        // SAFETY: task (b, h) writes only head h's columns of batch b's rows of dq, dk, dv.
+        unsafe {
+            let ptrs = HeadPtrs {
+                q: q.data.as_ptr().add(base(q.ld)),
+                k: k.data.as_ptr().add(base(k.ld)),
+                v: v.data.as_ptr().add(base(v.ld)),
+                o: o.data.as_ptr().add(base(o.ld)),
+                dout: dout.data.as_ptr().add(base(dout.ld)),
+                dq: dq.get().add(base(lddq)),
+                dk: dk.get().add(base(lddk)),
+                dv: dv.get().add(base(lddv)),
+                ld: [q.ld, k.ld, v.ld, o.ld, dout.ld, lddq, lddk, lddv],
+            };
+            let lse_h = &lse[t * s.seq..(t + 1) * s.seq];
+            crate::dispatch!(isa, backward_head[](isa, &s, &ptrs, lse_h, scale))
+        }
+    });
+    Ok(())
+}
+
+struct HeadPtrs {
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    o: *const f32,
+    dout: *const f32,
+    dq: *mut f32,
+    dk: *mut f32,
+    dv: *mut f32,
+    /// Row strides of q, k, v, o, dout, dq, dk, dv.
+    ld: [usize; 8],
+}
+
+#[inline(always)]
+unsafe fn backward_head<S: Simd>(isa: Isa, s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale: f32) {
+    let (seq, hd) = (s.seq, s.head_dim);
+    let [ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv] = p.ld;
+    let bk = key_block(seq);
+    // D_i = dout_i . o_i, the softmax backward's row term.
+    let dvec: Vec<f32> = (0..seq)
+        .map(|i| {
+            let a = std::slice::from_raw_parts(p.dout.add(i * lddo), hd);
+            let b = std::slice::from_raw_parts(p.o.add(i * ldo), hd);
+            dot_serial::<S>(a, b)
+        })
+        .collect();
+    for i in 0..seq {
+        std::slice::from_raw_parts_mut(p.dq.add(i * lddq), hd).fill(0.0);
+    }
+    let mut pm = vec![0f32; BLOCK_Q * bk];
+    let mut dp = vec![0f32; BLOCK_Q * bk];
+    let mut dk_blk = vec![0f32; bk * hd];
+    let mut dv_blk = vec![0f32; bk * hd];
+    for j0 in (0..seq).step_by(bk) {
+        let nk = bk.min(seq - j0);
+        for i0 in (0..seq).step_by(BLOCK_Q) {
+            let bq = BLOCK_Q.min(seq - i0);
+            let first = i0 == 0;
+            let (qi, doi) = (p.q.add(i0 * ldq), p.dout.add(i0 * lddo));
+            // P = exp(scale * Q_i K_j^T - lse_i).
+            gemm_serial_raw(
+                isa,
+                bq,
+                nk,
+                hd,
+                scale,
+                qi,
+                ldq as isize,
+                1,
+                p.k.add(j0 * ldk),
+                1,
+                ldk as isize,
+                0.0,
+                pm.as_mut_ptr(),
+                nk as isize,
+            );
+            for r in 0..bq {
+                exp_shift_sum::<S>(&mut pm[r * nk..(r + 1) * nk], lse[i0 + r]);
+            }
+            // dV_j += P^T dO_i.
+            gemm_serial_raw(
+                isa,
+                nk,
+                hd,
+                bq,
+                1.0,
+                pm.as_ptr(),
+                1,
+                nk as isize,
+                doi,
+                lddo as isize,
+                1,
+                if first { 0.0 } else { 1.0 },
+                dv_blk.as_mut_ptr(),
+                hd as isize,
+            );
+            // dP = dO_i V_j^T; dS = P * (dP - D_i).
+            gemm_serial_raw(
+                isa,
+                bq,
+                nk,
+                hd,
+                1.0,
+                doi,
+                lddo as isize,
+                1,
+                p.v.add(j0 * ldv),
+                1,
+                ldv as isize,
+                0.0,
+                dp.as_mut_ptr(),
+                nk as isize,
+            );
+            for r in 0..bq {
+                let pr = &pm[r * nk..(r + 1) * nk];
+                let dr = &mut dp[r * nk..(r + 1) * nk];
+                ds_inplace::<S>(pr, dr, dvec[i0 + r]);
+            }
+            // dQ_i += scale * dS K_j;  dK_j += scale * dS^T Q_i.
+            gemm_serial_raw(
+                isa,
+                bq,
+                hd,
+                nk,
+                scale,
+                dp.as_ptr(),
+                nk as isize,
+                1,
+                p.k.add(j0 * ldk),
+                ldk as isize,
+                1,
+                1.0,
+                p.dq.add(i0 * lddq),
+                lddq as isize,
+            );
+            gemm_serial_raw(
+                isa,
+                nk,
+                hd,
+                bq,
+                scale,
+                dp.as_ptr(),
+                1,
+                nk as isize,
+                qi,
+                ldq as isize,
+                1,
+                if first { 0.0 } else { 1.0 },
+                dk_blk.as_mut_ptr(),
+                hd as isize,
+            );
+        }
+        for r in 0..nk {
+            std::slice::from_raw_parts_mut(p.dk.add((j0 + r) * lddk), hd)
+                .copy_from_slice(&dk_blk[r * hd..(r + 1) * hd]);
+            std::slice::from_raw_parts_mut(p.dv.add((j0 + r) * lddv), hd)
+                .copy_from_slice(&dv_blk[r * hd..(r + 1) * hd]);
+        }
+    }
+}
+
+/// `dp = p * (dp - d)` in place: the softmax backward of one row.
+#[inline(always)]
+fn ds_inplace<S: Simd>(p: &[f32], dp: &mut [f32], d: f32) {
+    let n = p.len().min(dp.len());
+    let (pp, dpp) = (p.as_ptr(), dp.as_mut_ptr());
+    let vd = S::splat(d);
+    let mut i = 0;
+    while i + S::LANES <= n {
+        // SAFETY: i + LANES <= n for both rows.
+        unsafe {
+            S::store(
+                dpp.add(i),
+                S::mul(S::load(pp.add(i)), S::sub(S::load(dpp.add(i)), vd)),
+            )
+        };
+        i += S::LANES;
+    }
+    while i < n {
+        dp[i] = p[i] * (dp[i] - d);
+        i += 1;
+    }
+}
+
+/// The textbook computation in f64 with the full probability matrix, for the tests. Operands are
+/// dense `(batch, seq, heads * head_dim)`.
+pub mod reference {
+    use super::AttnShape;
+
+    pub fn forward(
+        s: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let w = s.heads * s.head_dim;
+        let mut out = vec![0.0; s.batch * s.seq * w];
+        let mut probs = vec![0.0; s.batch * s.heads * s.seq * s.seq];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                let at = |x: &[f32], t: usize, d: usize| {
+                    x[(b * s.seq + t) * w + h * s.head_dim + d] as f64
+                };
+                for i in 0..s.seq {
+                    let sc: Vec<f64> = (0..s.seq)
+                        .map(|j| {
+                            (0..s.head_dim)
+                                .map(|d| at(q, i, d) * at(k, j, d))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for j in 0..s.seq {
+                        probs[((b * s.heads + h) * s.seq + i) * s.seq + j] = e[j] / z;
+                    }
+                    for d in 0..s.head_dim {
+                        out[(b * s.seq + i) * w + h * s.head_dim + d] =
+                            (0..s.seq).map(|j| e[j] / z * at(v, j, d)).sum();
+                    }
+                }
+            }
+        }
+        (out, probs)
+    }
+
+    /// Returns `(dq, dk, dv)`.
+    #[allow(clippy::type_complexity)]
+    pub fn backward(
+        s: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dout: &[f32],
+        scale: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let w = s.heads * s.head_dim;
+        let (_, probs) = forward(s, q, k, v, scale);
+        let n = s.batch * s.seq * w;
+        let (mut dq, mut dk, mut dv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                let idx = |t: usize, d: usize| (b * s.seq + t) * w + h * s.head_dim + d;
+                let p = |i: usize, j: usize| probs[((b * s.heads + h) * s.seq + i) * s.seq + j];
+                for i in 0..s.seq {
+                    let dp: Vec<f64> = (0..s.seq)
+                        .map(|j| {
+                            (0..s.head_dim)
+                                .map(|d| dout[idx(i, d)] as f64 * v[idx(j, d)] as f64)
+                                .sum()
+                        })
+                        .collect();
+                    let dot: f64 = (0..s.seq).map(|j| p(i, j) * dp[j]).sum();
+                    for j in 0..s.seq {
+                        let ds = p(i, j) * (dp[j] - dot) * scale;
+                        for d in 0..s.head_dim {
+                            dq[idx(i, d)] += ds * k[idx(j, d)] as f64;
+                            dk[idx(j, d)] += ds * q[idx(i, d)] as f64;
+                            dv[idx(j, d)] += p(i, j) * dout[idx(i, d)] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+}

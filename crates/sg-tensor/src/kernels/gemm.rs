@@ -1,0 +1,307 @@
+//! Matrix products `C = alpha * op(A) op(B) + beta * C` in row-major storage, every transpose layout.
+//!
+//! The inner product is `matrixmultiply`'s packed kernel (its own run-time choice of AVX2+FMA, AVX or
+//! SSE2), always called single-threaded: rayon spreads blocks of C over the one pool, never a pool
+//! inside a pool. `beta = 1` accumulates straight into a gradient buffer. Each element of C is
+//! computed by one call with the same k-blocking whatever the split, so results do not depend on the
+//! thread count.
+
+use crate::error::{check_min_len, Result, TensorError};
+use crate::par::{self, SendPtr};
+use crate::simd::{isa, Isa};
+
+/// Whether an operand is used as stored (`N`) or transposed (`T`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trans {
+    N,
+    T,
+}
+
+/// Below this many multiply-adds a split costs more than it saves.
+const PAR_MIN_FLOPS: usize = 1 << 20;
+
+fn check_operand(
+    op: &'static str,
+    arg: &'static str,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    len: usize,
+) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    if ld < cols {
+        return Err(TensorError::Shape {
+            op,
+            msg: format!(
+                "`{arg}` is stored {rows} x {cols} but its leading dimension is {ld} (< {cols})"
+            ),
+        });
+    }
+    check_min_len(op, arg, len, (rows - 1) * ld + cols)
+}
+
+/// Row and column strides of `op(X)` for a row-major X with leading dimension `ld`.
+fn strides(t: Trans, ld: usize) -> (isize, isize) {
+    match t {
+        Trans::N => (ld as isize, 1),
+        Trans::T => (1, ld as isize),
+    }
+}
+
+/// `C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C`, all row-major. `A` is stored
+/// `m x k` (`N`) or `k x m` (`T`) with leading dimension `lda`; likewise `B`; `C` has `ldc >= n`.
+/// With `beta == 0` the old contents of C are not read (NaN in a fresh buffer is harmless).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<()> {
+    gemm_epilogue(
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        lda,
+        b,
+        ldb,
+        beta,
+        c,
+        ldc,
+        &|_, _| {},
+    )
+}
+
+/// A block of C handed to an epilogue: rows `r0..r1`, columns `c0..c1`.
+#[derive(Clone, Copy, Debug)]
+pub struct Block {
+    pub r0: usize,
+    pub r1: usize,
+    pub c0: usize,
+    pub c1: usize,
+}
+
+/// [`gemm`] followed, block by block while the block is still in cache, by `epilogue(block, c)`
+/// where `c` points at C's first element. The epilogue must touch only its block.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_epilogue(
+    ta: Trans,
+    tb: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: &(dyn Fn(Block, SendPtr) + Sync),
+) -> Result<()> {
+    let op = "gemm";
+    let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
+    let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
+    check_operand(op, "a", ar, ac, lda, a.len())?;
+    check_operand(op, "b", br, bc, ldb, b.len())?;
+    check_operand(op, "c", m, n, ldc, c.len())?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let (rsa, csa) = strides(ta, lda);
+    let (rsb, csb) = strides(tb, ldb);
+    let cp = SendPtr(c.as_mut_ptr());
+    let (ap, bp) = (a.as_ptr() as usize, b.as_ptr() as usize);
+    let scalar = isa() == Isa::Scalar;
+    let run = |blk: Block| {
+        let (ap, bp) = (ap as *const f32, bp as *const f32);
+        // SAFETY: operand extents were checked above; blocks of C are disjoint.
+        unsafe {
+            let a0 = ap.offset(blk.r0 as isize * rsa);
+            let b0 = bp.offset(blk.c0 as isize * csb);
+            let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
+            let (bm, bn) = (blk.r1 - blk.r0, blk.c1 - blk.c0);
+            if scalar {
+                reference::gemm_raw(
+                    bm,
+                    bn,
+                    k,
+                    alpha,
+                    a0,
+                    rsa,
+                    csa,
+                    b0,
+                    rsb,
+                    csb,
+                    beta,
+                    c0,
+                    ldc as isize,
+                );
+            } else {
+                matrixmultiply::sgemm(
+                    bm,
+                    k,
+                    bn,
+                    alpha,
+                    a0,
+                    rsa,
+                    csa,
+                    b0,
+                    rsb,
+                    csb,
+                    beta,
+                    c0,
+                    ldc as isize,
+                    1,
+                );
+            }
+        }
+        epilogue(blk, cp);
+    };
+    let parts = if m * n * k >= PAR_MIN_FLOPS && par::can_split() {
+        par::threads()
+    } else {
+        1
+    };
+    // Split the larger side of C: the other operand is packed once per part, so this packs least.
+    let (len, align) = if n >= m { (n, 16) } else { (m, 8) };
+    let chunk = len.div_ceil(parts).div_ceil(align) * align;
+    let nblocks = len.div_ceil(chunk);
+    par::for_each(nblocks, nblocks > 1, |i| {
+        let (s, e) = (i * chunk, ((i + 1) * chunk).min(len));
+        run(if n >= m {
+            Block {
+                r0: 0,
+                r1: m,
+                c0: s,
+                c1: e,
+            }
+        } else {
+            Block {
+                r0: s,
+                r1: e,
+                c0: 0,
+                c1: n,
+            }
+        })
+    });
+    Ok(())
+}
+
+/// Serial strided product for kernels that already run inside a parallel task (attention tiles).
+///
+/// # Safety
+/// The pointers with their strides must address valid `m x k`, `k x n` and `m x n` matrices, and C
+/// must not overlap A or B.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_serial_raw(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    rsc: isize,
+) {
+    if isa == Isa::Scalar {
+        reference::gemm_raw(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc);
+    } else {
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1);
+    }
+}
+
+/// Plain loops: the scalar kernel (`Isa::Scalar`) and what the tests trust.
+pub mod reference {
+    use super::Trans;
+
+    /// # Safety
+    /// As for [`super::gemm_serial_raw`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_raw(
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        rsc: isize,
+    ) {
+        for i in 0..m as isize {
+            for j in 0..n as isize {
+                let mut s = 0.0f32;
+                for p in 0..k as isize {
+                    s += *a.offset(i * rsa + p * csa) * *b.offset(p * rsb + j * csb);
+                }
+                let cij = c.offset(i * rsc + j);
+                *cij = if beta == 0.0 {
+                    alpha * s
+                } else {
+                    alpha * s + beta * *cij
+                };
+            }
+        }
+    }
+
+    /// The product in f64, for the tests.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_f64(
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f64,
+        a: &[f32],
+        lda: usize,
+        b: &[f32],
+        ldb: usize,
+        beta: f64,
+        c: &[f32],
+        ldc: usize,
+    ) -> Vec<f64> {
+        let at = |i: usize, p: usize| if ta == Trans::N { a[i * lda + p] } else { a[p * lda + i] } as f64;
+        let bt = |p: usize, j: usize| if tb == Trans::N { b[p * ldb + j] } else { b[j * ldb + p] } as f64;
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
+                let old = if beta == 0.0 {
+                    0.0
+                } else {
+                    beta * c[i * ldc + j] as f64
+                };
+                out[i * n + j] = alpha * s + old;
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,222 @@
+//! `y = act(x W^T + b)` with PyTorch's `(out, in)` weight layout, the bias and the optional exact-erf
+//! GELU applied in the GEMM's epilogue while each block of y is still in cache; and its backward.
+
+use super::gemm::{gemm, gemm_epilogue, Block, Trans};
+use super::{gelu, math, reduce, unary_inplace_serial, Dst, Unary};
+use crate::error::{check_len, Result, TensorError};
+use crate::par::SendPtr;
+use crate::simd::{isa, Simd};
+
+/// The activation fused into a Linear's epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// Exact-erf GELU.
+    Gelu,
+}
+
+fn check_dims(
+    op: &'static str,
+    x: usize,
+    w: usize,
+    bias: Option<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    check_len(op, "x", x, m * k)?;
+    check_len(op, "weight", w, n * k)?;
+    if let Some(b) = bias {
+        check_len(op, "bias", b, n)?;
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn epilogue_rows<S: Simd>(
+    blk: Block,
+    ld: usize,
+    src: *mut f32,
+    dst: *mut f32,
+    bias: Option<&[f32]>,
+    act: Activation,
+) {
+    let w = blk.c1 - blk.c0;
+    for r in blk.r0..blk.r1 {
+        // SAFETY: the block's rows and columns lie inside both buffers (checked by the caller).
+        let s = unsafe { std::slice::from_raw_parts_mut(src.add(r * ld + blk.c0), w) };
+        if let Some(b) = bias {
+            super::unary_serial::<S, super::Identity>(
+                &super::Identity,
+                &b[blk.c0..blk.c1],
+                s,
+                Dst::Accumulate,
+            );
+        }
+        if act == Activation::Gelu {
+            if src == dst {
+                unary_inplace_serial::<S, GeluOp>(&GeluOp, s);
+            } else {
+                let d = unsafe { std::slice::from_raw_parts_mut(dst.add(r * ld + blk.c0), w) };
+                super::unary_serial::<S, GeluOp>(&GeluOp, s, d, Dst::Overwrite);
+            }
+        }
+    }
+}
+
+struct GeluOp;
+impl Unary for GeluOp {
+    #[inline(always)]
+    fn f<S: Simd>(&self, x: S::V) -> S::V {
+        math::gelu::<S>(x)
+    }
+}
+
+/// `y (m x n) = act(x (m x k) W^T + bias)` with `W` stored `(n, k)` as PyTorch stores Linear weights.
+/// With GELU and `pre` given, `pre` receives the pre-activation that the backward needs; without
+/// `pre` (inference) the activation is applied in place.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Activation,
+    pre: Option<&mut [f32]>,
+    y: &mut [f32],
+) -> Result<()> {
+    let op = "linear::forward";
+    check_dims(op, x.len(), w.len(), bias.map(|b| b.len()), m, k, n)?;
+    check_len(op, "y", y.len(), m * n)?;
+    let isa = isa();
+    let yp = SendPtr(y.as_mut_ptr());
+    match pre {
+        Some(pre) => {
+            check_len(op, "pre", pre.len(), m * n)?;
+            if act != Activation::Gelu {
+                return Err(TensorError::Arg {
+                    op,
+                    msg: "a pre-activation buffer needs an activation".into(),
+                });
+            }
+            gemm_epilogue(
+                Trans::N,
+                Trans::T,
+                m,
+                n,
+                k,
+                1.0,
+                x,
+                k,
+                w,
+                k,
+                0.0,
+                pre,
+                n,
+                &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), yp.get(), bias, act)),
+            )
+        }
+        None => gemm_epilogue(
+            Trans::N,
+            Trans::T,
+            m,
+            n,
+            k,
+            1.0,
+            x,
+            k,
+            w,
+            k,
+            0.0,
+            y,
+            n,
+            &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
+        ),
+    }
+}
+
+/// Backward of [`forward`] without activation: `dw += dy^T x`, `db += sum_rows dy`, and, when asked,
+/// `dx (=|+=) dy W`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    dx: Option<(&mut [f32], Dst)>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    let op = "linear::backward";
+    check_dims(op, x.len(), w.len(), None, m, k, n)?;
+    check_len(op, "dy", dy.len(), m * n)?;
+    check_len(op, "dweight", dw.len(), n * k)?;
+    if let Some((dx, dst)) = dx {
+        check_len(op, "dx", dx.len(), m * k)?;
+        let beta = if dst == Dst::Accumulate { 1.0 } else { 0.0 };
+        gemm(Trans::N, Trans::N, m, k, n, 1.0, dy, n, w, k, beta, dx, k)?;
+    }
+    gemm(Trans::T, Trans::N, n, k, m, 1.0, dy, n, x, k, 1.0, dw, k)?;
+    if let Some(db) = db {
+        reduce::col_sum(dy, m, n, db, Dst::Accumulate)?;
+    }
+    Ok(())
+}
+
+/// Backward of a Linear with fused GELU, from the saved pre-activation: `dpre = dy * gelu'(pre)`,
+/// then [`backward`]. `dy` is the gradient of the activated output.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_gelu(
+    x: &[f32],
+    w: &[f32],
+    pre: &[f32],
+    dy: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    dx: Option<(&mut [f32], Dst)>,
+    dw: &mut [f32],
+    db: Option<&mut [f32]>,
+) -> Result<()> {
+    check_len("linear::backward_gelu", "pre", pre.len(), m * n)?;
+    let mut dpre = vec![0f32; m * n];
+    gelu::backward(pre, dy, &mut dpre, Dst::Overwrite)?;
+    backward(x, w, &dpre, m, k, n, dx, dw, db)
+}
+
+/// Plain f64 loops that the tests trust.
+pub mod reference {
+    use super::Activation;
+
+    pub fn forward(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        act: Activation,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s: f64 = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
+                if let Some(b) = bias {
+                    s += b[j] as f64;
+                }
+                y[i * n + j] = if act == Activation::Gelu {
+                    crate::kernels::gelu::reference::gelu(s)
+                } else {
+                    s
+                };
+            }
+        }
+        y
+    }
+}

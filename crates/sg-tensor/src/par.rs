@@ -1,0 +1,124 @@
+//! Parallel loops over the one rayon pool.
+//!
+//! There is one pool: the global one, or whichever pool the caller `install`s. Kernels never start
+//! threads of their own and call `matrixmultiply` single-threaded, so threads never oversubscribe;
+//! the tile products inside attention's per-head tasks run serially. Work is cut into chunks whose
+//! boundaries depend on the problem size alone, never on the thread count, so reductions give the same
+//! bits whatever `--threads` is.
+
+use crate::error::{Result, TensorError};
+
+/// Threads the kernels use.
+pub fn threads() -> usize {
+    #[cfg(feature = "rayon")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        1
+    }
+}
+
+/// Sizes the global pool. Must be called before the first parallel kernel; later calls with the same
+/// count succeed, a different count is an error (the pool cannot be rebuilt).
+pub fn set_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(TensorError::Arg {
+            op: "set_threads",
+            msg: "thread count must be at least 1".into(),
+        });
+    }
+    #[cfg(feature = "rayon")]
+    {
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            Ok(()) => Ok(()),
+            Err(_) if rayon::current_num_threads() == n => Ok(()),
+            Err(_) => Err(TensorError::Arg {
+                op: "set_threads",
+                msg: format!(
+                    "the thread pool already runs {} threads and cannot be resized to {n}",
+                    rayon::current_num_threads()
+                ),
+            }),
+        }
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(TensorError::Arg {
+                op: "set_threads",
+                msg: "built without the `rayon` feature: one thread only".into(),
+            })
+        }
+    }
+}
+
+/// True where the pool has more than one thread. A split made inside a parallel task stays in the
+/// same pool (rayon queues it), so nesting never adds threads.
+pub(crate) fn can_split() -> bool {
+    #[cfg(feature = "rayon")]
+    {
+        rayon::current_num_threads() > 1
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        false
+    }
+}
+
+/// `f(i)` for every `i < n`, in parallel when `parallel` is true.
+pub(crate) fn for_each(n: usize, parallel: bool, f: impl Fn(usize) + Sync + Send) {
+    #[cfg(feature = "rayon")]
+    if parallel && n > 1 {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().for_each(f);
+        return;
+    }
+    let _ = parallel;
+    (0..n).for_each(f);
+}
+
+/// `f(chunk_index, chunk)` over `chunk`-sized pieces of `data`, in parallel when `parallel` is true.
+pub(crate) fn chunks_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    parallel: bool,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let chunk = chunk.max(1);
+    #[cfg(feature = "rayon")]
+    if parallel && data.len() > chunk {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+        return;
+    }
+    let _ = parallel;
+    data.chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| f(i, c));
+}
+
+/// A raw pointer that parallel tasks share to write disjoint parts of one buffer (strided layouts
+/// that `chunks_mut` cannot express, such as one attention head's columns of every row).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: users guarantee that concurrent tasks write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer. A method, not `.0`: a closure that names `.0` captures the bare (non-`Send`)
+    /// field instead of the wrapper.
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,0 +1,61 @@
+//! Helpers shared by the kernel tests.
+#![allow(dead_code)]
+
+use proptest::prelude::*;
+use sg_tensor::simd::{with_isa, Isa};
+
+/// Runs `f` once per instruction set this CPU has, naming the set in any failure.
+pub fn on_every_isa(mut f: impl FnMut(Isa)) {
+    for isa in Isa::available() {
+        with_isa(isa, || f(isa));
+    }
+}
+
+/// Largest of `|got - want| / max(1, |want|)`: absolute near zero, relative for large values.
+pub fn max_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if g.is_nan() && w.is_nan() {
+                0.0
+            } else {
+                (g as f64 - w).abs() / w.abs().max(1.0)
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Error relative to the largest magnitude of the reference (for sums of many terms).
+pub fn rel_to_max(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// A vector of `n` values uniform in [-scale, scale], from a proptest-drawn seed.
+pub fn data(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+pub fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+pub fn seed() -> impl Strategy<Value = u64> {
+    any::<u64>()
+}

@@ -1,0 +1,248 @@
+//! Tensor views, conversions, and bit-identical results whatever the thread count.
+mod common;
+use common::*;
+use proptest::prelude::*;
+use sg_tensor::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
+use sg_tensor::kernels::{gemm, layernorm, math, reduce};
+use sg_tensor::simd::{Isa, Scalar, Simd};
+use sg_tensor::{Dst, Tensor};
+
+#[test]
+fn views_share_storage_and_index_correctly() {
+    let t = Tensor::from_vec((0..24).map(|v| v as f32).collect(), &[2, 3, 4]).unwrap();
+    assert!(t.is_contiguous());
+    let p = t.permute(&[2, 0, 1]).unwrap();
+    assert_eq!(p.shape(), &[4, 2, 3]);
+    assert!(!p.is_contiguous());
+    assert_eq!(p.get(&[3, 1, 2]).unwrap(), t.get(&[1, 2, 3]).unwrap());
+    let n = t.narrow(2, 1, 2).unwrap();
+    assert_eq!(
+        n.to_vec(),
+        vec![1., 2., 5., 6., 9., 10., 13., 14., 17., 18., 21., 22.]
+    );
+    let tt = t.transpose(1, 2).unwrap().reshape(&[2, 12]).unwrap();
+    assert_eq!(tt.get(&[0, 1]).unwrap(), 4.0);
+    assert!(t.view(&[6, 4]).is_ok());
+    assert!(
+        p.view(&[24]).is_err(),
+        "a permuted view cannot be viewed flat without a copy"
+    );
+    assert!(t.view(&[5, 5]).is_err());
+    assert!(t.permute(&[0, 0, 1]).is_err());
+    assert!(t.narrow(1, 2, 2).is_err());
+    assert!(t.get(&[0, 3, 0]).is_err());
+    assert!(Tensor::from_vec(vec![0.0; 5], &[2, 3]).is_err());
+    // Copy-on-write: mutating a clone leaves the original alone.
+    let mut c = t.clone();
+    c.make_mut()[0] = 100.0;
+    assert_eq!(t.get(&[0, 0, 0]).unwrap(), 0.0);
+    let mut pm = p.clone();
+    pm.make_mut();
+    assert!(pm.is_contiguous());
+    assert_eq!(pm, p);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn matmul_of_views_matches_dense(seed in seed(), m in 1usize..20, k in 1usize..20, n in 1usize..20, ta in any::<bool>(), tb in any::<bool>()) {
+        let (sa, sb) = (if ta { [k, m] } else { [m, k] }, if tb { [n, k] } else { [k, n] });
+        let a = Tensor::from_vec(data(seed, m * k, 1.0), &sa).unwrap();
+        let b = Tensor::from_vec(data(seed ^ 1, k * n, 1.0), &sb).unwrap();
+        let a = if ta { a.transpose(0, 1).unwrap() } else { a };
+        let b = if tb { b.transpose(0, 1).unwrap() } else { b };
+        let c = a.matmul(&b).unwrap();
+        let (ad, bd) = (a.contiguous().to_vec(), b.contiguous().to_vec());
+        let want = gemm::reference::gemm_f64(gemm::Trans::N, gemm::Trans::N, m, n, k, 1.0, &ad, k, &bd, n, 0.0, &[], n);
+        prop_assert!(max_err(&c.to_vec(), &want) < 1e-5);
+        // Batched form.
+        let a3 = a.contiguous().reshape(&[1, m, k]).unwrap();
+        let b3 = b.contiguous().reshape(&[1, k, n]).unwrap();
+        prop_assert_eq!(a3.matmul(&b3).unwrap().to_vec(), c.to_vec());
+    }
+
+    #[test]
+    fn half_roundtrip_is_within_half_precision(seed in seed(), n in 1usize..500) {
+        let x = data(seed, n, 100.0);
+        let t = Tensor::from_vec(x.clone(), &[n]).unwrap();
+        let h = Tensor::from_f16(&t.to_f16(), &[n]).unwrap().to_vec();
+        let b = Tensor::from_bf16(&t.to_bf16(), &[n]).unwrap().to_vec();
+        for i in 0..n {
+            prop_assert!((h[i] - x[i]).abs() <= x[i].abs() * 2f32.powi(-11) + 1e-7);
+            prop_assert!((b[i] - x[i]).abs() <= x[i].abs() * 2f32.powi(-8));
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_on_its_range(x in -87.0f32..88.0) {
+        for isa in Isa::available() {
+            let got = sg_tensor::simd::with_isa(isa, || {
+                let mut y = [x, 0.0];
+                // exp through the softmax of a two-element row [x, 0] -> e^x / (e^x + 1)
+                sg_tensor::kernels::softmax::forward_inplace(&mut y, 1, 2).unwrap();
+                y[0]
+            });
+            let want = 1.0 / (1.0 + (-(x as f64)).exp());
+            prop_assert!((got as f64 - want).abs() <= 4e-7 * want.max(1e-30), "{isa:?} {got} vs {want}");
+        }
+        let s = math::exp::<Scalar>(x) as f64;
+        prop_assert!((s - (x as f64).exp()).abs() <= 3e-7 * (x as f64).exp());
+    }
+}
+
+#[test]
+fn simd_lanes_agree_with_scalar() {
+    // The portable vector type computes the same function as one-lane code.
+    let xs = data(9, 64, 6.0);
+    for c in xs.chunks(8) {
+        let v = unsafe { sg_tensor::simd::Portable::load(c.as_ptr()) };
+        let mut out = [0.0f32; 8];
+        unsafe {
+            sg_tensor::simd::Portable::store(
+                out.as_mut_ptr(),
+                math::erf::<sg_tensor::simd::Portable>(v),
+            )
+        };
+        for (o, &x) in out.iter().zip(c) {
+            assert!((o - math::erf::<Scalar>(x)).abs() <= 2e-7);
+            assert!(
+                (*o as f64 - math::reference::erf(x as f64)).abs() <= 3e-7,
+                "erf({x})"
+            );
+        }
+    }
+}
+
+#[cfg(feature = "ndarray")]
+#[test]
+fn ndarray_roundtrip() {
+    let a = ndarray::Array::from_shape_fn((3, 4), |(i, j)| (i * 10 + j) as f32);
+    let t = Tensor::from_ndarray(&a.t());
+    assert_eq!(t.shape(), &[4, 3]);
+    assert_eq!(t.get(&[1, 2]).unwrap(), 21.0);
+    assert_eq!(
+        t.to_ndarray()
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap(),
+        a.t()
+    );
+}
+
+/// Runs `f` in a private pool of `n` threads.
+fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn results_are_bit_identical_for_any_thread_count() {
+    let (rows, dim) = (3000, 96);
+    let x = data(1, rows * dim, 3.0);
+    let dy = data(2, rows * dim, 1.0);
+    let gamma = data(3, dim, 1.0);
+    let s = AttnShape {
+        batch: 3,
+        seq: 300,
+        heads: 4,
+        head_dim: 24,
+    };
+    let qkv = data(4, s.batch * s.seq * 3 * s.heads * s.head_dim, 1.0);
+    let w = s.heads * s.head_dim;
+    let run = || {
+        let (mut mean, mut rstd, mut y) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * dim]);
+        layernorm::forward(
+            &x,
+            &gamma,
+            &gamma,
+            rows,
+            1e-6,
+            &mut y,
+            Some((&mut mean, &mut rstd)),
+        )
+        .unwrap();
+        let (mut dx, mut dg, mut db) = (vec![0.0; rows * dim], vec![0.0; dim], vec![0.0; dim]);
+        layernorm::backward(
+            &x,
+            &gamma,
+            &mean,
+            &rstd,
+            &dy,
+            &mut dx,
+            Dst::Overwrite,
+            &mut dg,
+            &mut db,
+        )
+        .unwrap();
+        let mut cs = vec![0.0; dim];
+        reduce::col_sum(&x, rows, dim, &mut cs, Dst::Overwrite).unwrap();
+        let total = reduce::sum(&x);
+        let mut c = vec![0.0; dim * dim];
+        gemm::gemm(
+            gemm::Trans::T,
+            gemm::Trans::N,
+            dim,
+            dim,
+            rows,
+            1.0,
+            &x,
+            dim,
+            &dy,
+            dim,
+            0.0,
+            &mut c,
+            dim,
+        )
+        .unwrap();
+        let (q, k, v) = (
+            Rows {
+                data: &qkv,
+                ld: 3 * w,
+            },
+            Rows {
+                data: &qkv[w..],
+                ld: 3 * w,
+            },
+            Rows {
+                data: &qkv[2 * w..],
+                ld: 3 * w,
+            },
+        );
+        let mut o = vec![0.0; s.batch * s.seq * w];
+        let mut lse = vec![0.0; s.batch * s.heads * s.seq];
+        attention::forward(
+            s,
+            q,
+            k,
+            v,
+            0.2,
+            RowsMut {
+                data: &mut o,
+                ld: w,
+            },
+            Some(&mut lse),
+        )
+        .unwrap();
+        let mut dqkv = vec![0.0; qkv.len()];
+        attention::backward(
+            s,
+            q,
+            k,
+            v,
+            Rows { data: &o, ld: w },
+            Rows { data: &o, ld: w },
+            &lse,
+            0.2,
+            QkvGrad::Packed(&mut dqkv),
+        )
+        .unwrap();
+        (y, dx, dg, db, cs, total.to_bits(), c, o, dqkv)
+    };
+    let one = with_threads(1, run);
+    for n in [2, 3] {
+        assert!(with_threads(n, run) == one, "{n} threads differ from 1");
+    }
+}
