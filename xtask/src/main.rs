@@ -13,16 +13,10 @@ fn usage() -> ExitCode {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["bench", "kernels", rest @ ..] => {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["bench", "-p", "sg-benches", "--bench", "kernels", "--"])
-                .args(rest);
+            cmd.args(["bench", "-p", "sg-benches", "--bench", "kernels", "--"]).args(rest);
             match cmd.status() {
                 Ok(s) if s.success() => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,

@@ -6,20 +6,11 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorError {
     /// A buffer's length disagrees with the dimensions given for it.
-    Length {
-        op: &'static str,
-        arg: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    Length { op: &'static str, arg: &'static str, expected: usize, got: usize },
     /// Shapes or dimensions that cannot be combined.
     Shape { op: &'static str, msg: String },
     /// An index outside the axis it indexes.
-    Index {
-        op: &'static str,
-        index: usize,
-        len: usize,
-    },
+    Index { op: &'static str, index: usize, len: usize },
     /// A scalar argument outside its domain.
     Arg { op: &'static str, msg: String },
 }
@@ -27,20 +18,12 @@ pub enum TensorError {
 impl fmt::Display for TensorError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TensorError::Length {
-                op,
-                arg,
-                expected,
-                got,
-            } => {
+            TensorError::Length { op, arg, expected, got } => {
                 write!(f, "{op}: `{arg}` has {got} elements, expected {expected}")
             }
             TensorError::Shape { op, msg } => write!(f, "{op}: {msg}"),
             TensorError::Index { op, index, len } => {
-                write!(
-                    f,
-                    "{op}: index {index} is out of range for an axis of length {len}"
-                )
+                write!(f, "{op}: index {index} is out of range for an axis of length {len}")
             }
             TensorError::Arg { op, msg } => write!(f, "{op}: {msg}"),
         }
@@ -52,40 +35,20 @@ impl std::error::Error for TensorError {}
 pub type Result<T> = std::result::Result<T, TensorError>;
 
 /// `Err` unless `buf` holds exactly `expected` elements.
-pub(crate) fn check_len(
-    op: &'static str,
-    arg: &'static str,
-    got: usize,
-    expected: usize,
-) -> Result<()> {
+pub(crate) fn check_len(op: &'static str, arg: &'static str, got: usize, expected: usize) -> Result<()> {
     if got == expected {
         Ok(())
     } else {
-        Err(TensorError::Length {
-            op,
-            arg,
-            expected,
-            got,
-        })
+        Err(TensorError::Length { op, arg, expected, got })
     }
 }
 
 /// `Err` unless `buf` holds at least `expected` elements (strided operands may be longer).
-pub(crate) fn check_min_len(
-    op: &'static str,
-    arg: &'static str,
-    got: usize,
-    expected: usize,
-) -> Result<()> {
+pub(crate) fn check_min_len(op: &'static str, arg: &'static str, got: usize, expected: usize) -> Result<()> {
     if got >= expected {
         Ok(())
     } else {
-        Err(TensorError::Length {
-            op,
-            arg,
-            expected,
-            got,
-        })
+        Err(TensorError::Length { op, arg, expected, got })
     }
 }
 
@@ -93,8 +56,5 @@ pub(crate) fn check_min_len(
 pub(crate) fn checked_numel(op: &'static str, dims: &[usize]) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| TensorError::Shape {
-            op,
-            msg: format!("dimensions {dims:?} overflow the address space"),
-        })
+        .ok_or_else(|| TensorError::Shape { op, msg: format!("dimensions {dims:?} overflow the address space") })
 }

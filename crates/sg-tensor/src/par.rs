@@ -24,17 +24,11 @@ pub fn threads() -> usize {
 /// count succeed, a different count is an error (the pool cannot be rebuilt).
 pub fn set_threads(n: usize) -> Result<()> {
     if n == 0 {
-        return Err(TensorError::Arg {
-            op: "set_threads",
-            msg: "thread count must be at least 1".into(),
-        });
+        return Err(TensorError::Arg { op: "set_threads", msg: "thread count must be at least 1".into() });
     }
     #[cfg(feature = "rayon")]
     {
-        match rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-        {
+        match rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
             Ok(()) => Ok(()),
             Err(_) if rayon::current_num_threads() == n => Ok(()),
             Err(_) => Err(TensorError::Arg {
@@ -95,15 +89,11 @@ pub(crate) fn chunks_mut<T: Send>(
     #[cfg(feature = "rayon")]
     if parallel && data.len() > chunk {
         use rayon::prelude::*;
-        data.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
     }
     let _ = parallel;
-    data.chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| f(i, c));
+    data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
 }
 
 /// A raw pointer that parallel tasks share to write disjoint parts of one buffer (strided layouts

@@ -73,11 +73,7 @@ thread_local! {
 /// Runs `f` with kernels called from this thread on `want` (or the best available below it). Used
 /// by tests to check every instruction set side by side without touching the process-wide choice.
 pub fn with_isa<R>(want: Isa, f: impl FnOnce() -> R) -> R {
-    let got = if Isa::available().contains(&want) {
-        want
-    } else {
-        *Isa::available().last().unwrap()
-    };
+    let got = if Isa::available().contains(&want) { want } else { *Isa::available().last().unwrap() };
     let old = OVERRIDE.with(|o| o.replace(Some(got)));
     let r = f();
     OVERRIDE.with(|o| o.set(old));
@@ -108,11 +104,7 @@ pub fn isa() -> Isa {
 /// best one it has instead, so this can never make a kernel execute an illegal instruction.
 pub fn set_isa(want: Isa) -> Isa {
     let avail = Isa::available();
-    let got = if avail.contains(&want) {
-        want
-    } else {
-        *avail.last().unwrap()
-    };
+    let got = if avail.contains(&want) { want } else { *avail.last().unwrap() };
     ACTIVE.store(encode(got), Ordering::Relaxed);
     got
 }

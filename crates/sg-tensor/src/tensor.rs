@@ -37,18 +37,10 @@ impl Tensor {
         if n != data.len() {
             return Err(TensorError::Shape {
                 op: "Tensor::from_vec",
-                msg: format!(
-                    "{} elements cannot have shape {shape:?} ({n} elements)",
-                    data.len()
-                ),
+                msg: format!("{} elements cannot have shape {shape:?} ({n} elements)", data.len()),
             });
         }
-        Ok(Tensor {
-            data: Arc::new(data),
-            strides: contiguous_strides(shape),
-            shape: shape.to_vec(),
-            offset: 0,
-        })
+        Ok(Tensor { data: Arc::new(data), strides: contiguous_strides(shape), shape: shape.to_vec(), offset: 0 })
     }
 
     /// A tensor filled with `value`.
@@ -92,8 +84,7 @@ impl Tensor {
 
     /// The elements as one slice, when contiguous.
     pub fn as_slice(&self) -> Option<&[f32]> {
-        self.is_contiguous()
-            .then(|| &self.data[self.offset..self.offset + self.numel()])
+        self.is_contiguous().then(|| &self.data[self.offset..self.offset + self.numel()])
     }
 
     /// Mutable elements, copying first if the storage is shared or the layout is not contiguous.
@@ -126,12 +117,7 @@ impl Tensor {
         let mut idx = vec![0usize; nd];
         let (last, ls) = (self.shape[nd - 1], self.strides[nd - 1]);
         loop {
-            let base = self.offset
-                + idx
-                    .iter()
-                    .zip(&self.strides)
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>();
+            let base = self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<usize>();
             for j in 0..last {
                 f(base + j * ls);
             }
@@ -175,20 +161,13 @@ impl Tensor {
         if n != self.numel() {
             return Err(TensorError::Shape {
                 op: "Tensor::view",
-                msg: format!(
-                    "shape {:?} ({} elements) cannot become {shape:?} ({n})",
-                    self.shape,
-                    self.numel()
-                ),
+                msg: format!("shape {:?} ({} elements) cannot become {shape:?} ({n})", self.shape, self.numel()),
             });
         }
         if !self.is_contiguous() {
             return Err(TensorError::Shape {
                 op: "Tensor::view",
-                msg: format!(
-                    "a non-contiguous tensor of shape {:?} needs `reshape` (a copy)",
-                    self.shape
-                ),
+                msg: format!("a non-contiguous tensor of shape {:?} needs `reshape` (a copy)", self.shape),
             });
         }
         Ok(Tensor {
@@ -208,17 +187,10 @@ impl Tensor {
     pub fn permute(&self, perm: &[usize]) -> Result<Tensor> {
         let nd = self.ndim();
         let mut seen = vec![false; nd];
-        if perm.len() != nd
-            || perm
-                .iter()
-                .any(|&p| p >= nd || std::mem::replace(&mut seen[p], true))
-        {
+        if perm.len() != nd || perm.iter().any(|&p| p >= nd || std::mem::replace(&mut seen[p], true)) {
             return Err(TensorError::Shape {
                 op: "Tensor::permute",
-                msg: format!(
-                    "{perm:?} is not a permutation of the {nd} axes of {:?}",
-                    self.shape
-                ),
+                msg: format!("{perm:?} is not a permutation of the {nd} axes of {:?}", self.shape),
             });
         }
         Ok(Tensor {
@@ -247,10 +219,7 @@ impl Tensor {
         if dim >= self.ndim() || start.checked_add(len).is_none_or(|e| e > self.shape[dim]) {
             return Err(TensorError::Shape {
                 op: "Tensor::narrow",
-                msg: format!(
-                    "{start}..{start}+{len} on axis {dim} of shape {:?}",
-                    self.shape
-                ),
+                msg: format!("{start}..{start}+{len} on axis {dim} of shape {:?}", self.shape),
             });
         }
         let mut t = self.clone();
@@ -270,11 +239,7 @@ impl Tensor {
         let mut o = self.offset;
         for ((&i, &d), &s) in index.iter().zip(&self.shape).zip(&self.strides) {
             if i >= d {
-                return Err(TensorError::Index {
-                    op: "Tensor::get",
-                    index: i,
-                    len: d,
-                });
+                return Err(TensorError::Index { op: "Tensor::get", index: i, len: d });
             }
             o += i * s;
         }
@@ -303,10 +268,7 @@ impl Tensor {
             (2, 2) => {
                 let (m, k, n) = (self.shape[0], self.shape[1], other.shape[1]);
                 if other.shape[0] != k {
-                    return Err(TensorError::Shape {
-                        op,
-                        msg: format!("{:?} x {:?}", self.shape, other.shape),
-                    });
+                    return Err(TensorError::Shape { op, msg: format!("{:?} x {:?}", self.shape, other.shape) });
                 }
                 let mut out = vec![0f32; m * n];
                 let (ta, lda, a) = self.gemm_operand();
@@ -345,10 +307,7 @@ impl Tensor {
             }
             _ => Err(TensorError::Shape {
                 op,
-                msg: format!(
-                    "needs 2-d or 3-d operands, got {:?} x {:?}",
-                    self.shape, other.shape
-                ),
+                msg: format!("needs 2-d or 3-d operands, got {:?} x {:?}", self.shape, other.shape),
             }),
         }
     }
@@ -362,9 +321,7 @@ impl Tensor {
 
     /// Converts from an `ndarray` array (any layout).
     #[cfg(feature = "ndarray")]
-    pub fn from_ndarray<S: ndarray::Data<Elem = f32>, D: ndarray::Dimension>(
-        a: &ndarray::ArrayBase<S, D>,
-    ) -> Tensor {
+    pub fn from_ndarray<S: ndarray::Data<Elem = f32>, D: ndarray::Dimension>(a: &ndarray::ArrayBase<S, D>) -> Tensor {
         let shape = a.shape().to_vec();
         let data: Vec<f32> = a.iter().copied().collect();
         Tensor::from_vec(data, &shape).expect("ndarray shapes match their element count")

@@ -144,19 +144,7 @@ proptest! {
 #[test]
 fn gelu_special_values() {
     on_every_isa(|isa| {
-        let x = [
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.0,
-            -0.0,
-            1e30,
-            -1e30,
-            4.0,
-            -4.0,
-            1.0,
-            -1.0,
-        ];
+        let x = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30, -1e30, 4.0, -4.0, 1.0, -1.0];
         let mut y = [0.0; 11];
         gelu::forward(&x, &mut y).unwrap();
         assert!(y[0].is_nan(), "{isa:?} NaN must propagate");
@@ -174,14 +162,7 @@ fn adamw_worked_example() {
     // Worked by hand from torch.optim.AdamW's update, step 1 (bias corrections 0.1 and 0.05):
     // p = 1 * (1 - 0.1 * 0.5) = 0.95; m = 0.1 * 2 = 0.2; v = 0.05 * 4 = 0.2;
     // m_hat = 2, sqrt(v_hat) = 2, p = 0.95 - 0.1 * 2 / (2 + 1e-8) = 0.85.
-    let h = adamw::AdamW {
-        lr: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.5,
-        step: 1,
-    };
+    let h = adamw::AdamW { lr: 0.1, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.5, step: 1 };
     let (mut p, g, mut m, mut v) = ([1.0f32], [2.0f32], [0.0f32], [0.0f32]);
     adamw::step(&h, &mut p, &g, &mut m, &mut v).unwrap();
     assert!((p[0] - 0.85).abs() < 1e-7, "{}", p[0]);
@@ -192,22 +173,12 @@ fn adamw_worked_example() {
 fn bad_input_is_an_error_not_a_panic() {
     let mut y = vec![0.0; 3];
     let e = gelu::forward(&[1.0, 2.0], &mut y).unwrap_err();
-    assert!(
-        e.to_string().contains("gelu::forward") && e.to_string().contains("`y` has 3"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("gelu::forward") && e.to_string().contains("`y` has 3"), "{e}");
     let e = gather::gather_rows(&[0.0; 8], 1, 4, 2, &[0, 9], &mut [0.0; 4]).unwrap_err();
     assert!(e.to_string().contains("index 9"), "{e}");
     let e = elementwise::add_row_broadcast(&mut [0.0; 7], &[1.0, 2.0]).unwrap_err();
     assert!(e.to_string().contains("7 elements"), "{e}");
-    let h = adamw::AdamW {
-        lr: 0.1,
-        beta1: 1.0,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        step: 1,
-    };
+    let h = adamw::AdamW { lr: 0.1, beta1: 1.0, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, step: 1 };
     assert!(adamw::step(&h, &mut [0.0], &[0.0], &mut [0.0], &mut [0.0]).is_err());
     assert!(reduce::mean(&[]).is_err());
     assert!(!reduce::all_finite(&[1.0, f32::NAN]));

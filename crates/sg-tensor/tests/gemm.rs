@@ -88,7 +88,7 @@ fn large_gemm_splits_over_threads_and_matches() {
     let w = data(2, n * k, 1.0);
     let dy = data(3, m * n, 1.0);
     let cases = [
-        (Trans::N, Trans::T, m, n, k, &x, k, &w, k), // forward: x W^T
+        (Trans::N, Trans::T, m, n, k, &x, k, &w, k),  // forward: x W^T
         (Trans::N, Trans::N, m, k, n, &dy, n, &w, k), // input gradient: dy W
         (Trans::T, Trans::N, n, k, m, &dy, n, &x, k), // weight gradient: dy^T x
     ];
@@ -103,58 +103,10 @@ fn large_gemm_splits_over_threads_and_matches() {
 #[test]
 fn bad_gemm_operands_are_errors() {
     let mut c = vec![0.0; 4];
-    let e = gemm(
-        Trans::N,
-        Trans::N,
-        2,
-        2,
-        3,
-        1.0,
-        &[0.0; 5],
-        3,
-        &[0.0; 6],
-        2,
-        0.0,
-        &mut c,
-        2,
-    )
-    .unwrap_err();
-    assert!(
-        e.to_string().contains("`a` has 5 elements, expected 6"),
-        "{e}"
-    );
-    let e = gemm(
-        Trans::N,
-        Trans::N,
-        2,
-        2,
-        3,
-        1.0,
-        &[0.0; 6],
-        2,
-        &[0.0; 6],
-        2,
-        0.0,
-        &mut c,
-        2,
-    )
-    .unwrap_err();
+    let e = gemm(Trans::N, Trans::N, 2, 2, 3, 1.0, &[0.0; 5], 3, &[0.0; 6], 2, 0.0, &mut c, 2).unwrap_err();
+    assert!(e.to_string().contains("`a` has 5 elements, expected 6"), "{e}");
+    let e = gemm(Trans::N, Trans::N, 2, 2, 3, 1.0, &[0.0; 6], 2, &[0.0; 6], 2, 0.0, &mut c, 2).unwrap_err();
     assert!(e.to_string().contains("leading dimension is 2"), "{e}");
-    let e = linear::forward(
-        &[0.0; 6],
-        &[0.0; 5],
-        None,
-        2,
-        3,
-        2,
-        Activation::Identity,
-        None,
-        &mut c,
-    )
-    .unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("`weight` has 5 elements, expected 6"),
-        "{e}"
-    );
+    let e = linear::forward(&[0.0; 6], &[0.0; 5], None, 2, 3, 2, Activation::Identity, None, &mut c).unwrap_err();
+    assert!(e.to_string().contains("`weight` has 5 elements, expected 6"), "{e}");
 }

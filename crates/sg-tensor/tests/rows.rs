@@ -84,9 +84,6 @@ fn bad_shapes_are_errors() {
     let mut y = vec![0.0; 6];
     assert!(softmax::forward(&[0.0; 6], &mut y, 4, 2).is_err());
     let e = layernorm::forward(&[0.0; 6], &[1.0; 3], &[0.0; 2], 2, 1e-6, &mut y, None).unwrap_err();
-    assert!(
-        e.to_string().contains("`beta` has 2 elements, expected 3"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("`beta` has 2 elements, expected 3"), "{e}");
     assert!(layernorm::forward(&[0.0; 6], &[1.0; 3], &[0.0; 3], 2, 0.0, &mut y, None).is_err());
 }

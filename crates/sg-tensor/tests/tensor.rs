@@ -16,17 +16,11 @@ fn views_share_storage_and_index_correctly() {
     assert!(!p.is_contiguous());
     assert_eq!(p.get(&[3, 1, 2]).unwrap(), t.get(&[1, 2, 3]).unwrap());
     let n = t.narrow(2, 1, 2).unwrap();
-    assert_eq!(
-        n.to_vec(),
-        vec![1., 2., 5., 6., 9., 10., 13., 14., 17., 18., 21., 22.]
-    );
+    assert_eq!(n.to_vec(), vec![1., 2., 5., 6., 9., 10., 13., 14., 17., 18., 21., 22.]);
     let tt = t.transpose(1, 2).unwrap().reshape(&[2, 12]).unwrap();
     assert_eq!(tt.get(&[0, 1]).unwrap(), 4.0);
     assert!(t.view(&[6, 4]).is_ok());
-    assert!(
-        p.view(&[24]).is_err(),
-        "a permuted view cannot be viewed flat without a copy"
-    );
+    assert!(p.view(&[24]).is_err(), "a permuted view cannot be viewed flat without a copy");
     assert!(t.view(&[5, 5]).is_err());
     assert!(t.permute(&[0, 0, 1]).is_err());
     assert!(t.narrow(1, 2, 2).is_err());
@@ -98,18 +92,10 @@ fn simd_lanes_agree_with_scalar() {
     for c in xs.chunks(8) {
         let v = unsafe { sg_tensor::simd::Portable::load(c.as_ptr()) };
         let mut out = [0.0f32; 8];
-        unsafe {
-            sg_tensor::simd::Portable::store(
-                out.as_mut_ptr(),
-                math::erf::<sg_tensor::simd::Portable>(v),
-            )
-        };
+        unsafe { sg_tensor::simd::Portable::store(out.as_mut_ptr(), math::erf::<sg_tensor::simd::Portable>(v)) };
         for (o, &x) in out.iter().zip(c) {
             assert!((o - math::erf::<Scalar>(x)).abs() <= 2e-7);
-            assert!(
-                (*o as f64 - math::reference::erf(x as f64)).abs() <= 3e-7,
-                "erf({x})"
-            );
+            assert!((*o as f64 - math::reference::erf(x as f64)).abs() <= 3e-7, "erf({x})");
         }
     }
 }
@@ -121,21 +107,12 @@ fn ndarray_roundtrip() {
     let t = Tensor::from_ndarray(&a.t());
     assert_eq!(t.shape(), &[4, 3]);
     assert_eq!(t.get(&[1, 2]).unwrap(), 21.0);
-    assert_eq!(
-        t.to_ndarray()
-            .into_dimensionality::<ndarray::Ix2>()
-            .unwrap(),
-        a.t()
-    );
+    assert_eq!(t.to_ndarray().into_dimensionality::<ndarray::Ix2>().unwrap(), a.t());
 }
 
 /// Runs `f` in a private pool of `n` threads.
 fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .unwrap()
-        .install(f)
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
 }
 
 #[test]
@@ -144,88 +121,27 @@ fn results_are_bit_identical_for_any_thread_count() {
     let x = data(1, rows * dim, 3.0);
     let dy = data(2, rows * dim, 1.0);
     let gamma = data(3, dim, 1.0);
-    let s = AttnShape {
-        batch: 3,
-        seq: 300,
-        heads: 4,
-        head_dim: 24,
-    };
+    let s = AttnShape { batch: 3, seq: 300, heads: 4, head_dim: 24 };
     let qkv = data(4, s.batch * s.seq * 3 * s.heads * s.head_dim, 1.0);
     let w = s.heads * s.head_dim;
     let run = || {
         let (mut mean, mut rstd, mut y) = (vec![0.0; rows], vec![0.0; rows], vec![0.0; rows * dim]);
-        layernorm::forward(
-            &x,
-            &gamma,
-            &gamma,
-            rows,
-            1e-6,
-            &mut y,
-            Some((&mut mean, &mut rstd)),
-        )
-        .unwrap();
+        layernorm::forward(&x, &gamma, &gamma, rows, 1e-6, &mut y, Some((&mut mean, &mut rstd))).unwrap();
         let (mut dx, mut dg, mut db) = (vec![0.0; rows * dim], vec![0.0; dim], vec![0.0; dim]);
-        layernorm::backward(
-            &x,
-            &gamma,
-            &mean,
-            &rstd,
-            &dy,
-            &mut dx,
-            Dst::Overwrite,
-            &mut dg,
-            &mut db,
-        )
-        .unwrap();
+        layernorm::backward(&x, &gamma, &mean, &rstd, &dy, &mut dx, Dst::Overwrite, &mut dg, &mut db).unwrap();
         let mut cs = vec![0.0; dim];
         reduce::col_sum(&x, rows, dim, &mut cs, Dst::Overwrite).unwrap();
         let total = reduce::sum(&x);
         let mut c = vec![0.0; dim * dim];
-        gemm::gemm(
-            gemm::Trans::T,
-            gemm::Trans::N,
-            dim,
-            dim,
-            rows,
-            1.0,
-            &x,
-            dim,
-            &dy,
-            dim,
-            0.0,
-            &mut c,
-            dim,
-        )
-        .unwrap();
+        gemm::gemm(gemm::Trans::T, gemm::Trans::N, dim, dim, rows, 1.0, &x, dim, &dy, dim, 0.0, &mut c, dim).unwrap();
         let (q, k, v) = (
-            Rows {
-                data: &qkv,
-                ld: 3 * w,
-            },
-            Rows {
-                data: &qkv[w..],
-                ld: 3 * w,
-            },
-            Rows {
-                data: &qkv[2 * w..],
-                ld: 3 * w,
-            },
+            Rows { data: &qkv, ld: 3 * w },
+            Rows { data: &qkv[w..], ld: 3 * w },
+            Rows { data: &qkv[2 * w..], ld: 3 * w },
         );
         let mut o = vec![0.0; s.batch * s.seq * w];
         let mut lse = vec![0.0; s.batch * s.heads * s.seq];
-        attention::forward(
-            s,
-            q,
-            k,
-            v,
-            0.2,
-            RowsMut {
-                data: &mut o,
-                ld: w,
-            },
-            Some(&mut lse),
-        )
-        .unwrap();
+        attention::forward(s, q, k, v, 0.2, RowsMut { data: &mut o, ld: w }, Some(&mut lse)).unwrap();
         let mut dqkv = vec![0.0; qkv.len()];
         attention::backward(
             s,

@@ -26,10 +26,7 @@ impl AdamW {
             return bad("step counts from 1".into());
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return bad(format!(
-                "betas must lie in [0, 1), got ({}, {})",
-                self.beta1, self.beta2
-            ));
+            return bad(format!("betas must lie in [0, 1), got ({}, {})", self.beta1, self.beta2));
         }
         if self.eps.is_nan()
             || self.eps <= 0.0
@@ -37,9 +34,7 @@ impl AdamW {
             || self.lr < 0.0
             || !self.weight_decay.is_finite()
         {
-            return bad(format!(
-                "need eps > 0 and finite lr >= 0 and weight decay, got {self:?}"
-            ));
+            return bad(format!("need eps > 0 and finite lr >= 0 and weight decay, got {self:?}"));
         }
         Ok(())
     }
@@ -65,12 +60,7 @@ fn step_serial<S: Simd>(h: &AdamW, p: &mut [f32], g: &[f32], m: &mut [f32], v: &
     let (pp, gp, mp, vp) = (p.as_mut_ptr(), g.as_ptr(), m.as_mut_ptr(), v.as_mut_ptr());
     let (b1, b2) = (S::splat(h.beta1), S::splat(h.beta2));
     let (c1, c2) = (S::splat(1.0 - h.beta1), S::splat(1.0 - h.beta2));
-    let (vdecay, vstep, vinv, veps) = (
-        S::splat(decay),
-        S::splat(step_size),
-        S::splat(inv_bc2),
-        S::splat(h.eps),
-    );
+    let (vdecay, vstep, vinv, veps) = (S::splat(decay), S::splat(step_size), S::splat(inv_bc2), S::splat(h.eps));
     let mut i = 0;
     while i + S::LANES <= n {
         // SAFETY: the four buffers have length n (checked by the caller).
@@ -96,13 +86,7 @@ fn step_serial<S: Simd>(h: &AdamW, p: &mut [f32], g: &[f32], m: &mut [f32], v: &
 }
 
 /// One AdamW step over a flat parameter buffer and its gradient and moment buffers.
-pub fn step(
-    h: &AdamW,
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-) -> Result<()> {
+pub fn step(h: &AdamW, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) -> Result<()> {
     h.validate()?;
     let n = param.len();
     check_len("adamw", "grad", grad.len(), n)?;
@@ -129,13 +113,7 @@ pub fn step(
 pub mod reference {
     pub fn step(h: &super::AdamW, p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64]) {
         let t = h.step as i32;
-        let (lr, wd, b1, b2, eps) = (
-            h.lr as f64,
-            h.weight_decay as f64,
-            h.beta1 as f64,
-            h.beta2 as f64,
-            h.eps as f64,
-        );
+        let (lr, wd, b1, b2, eps) = (h.lr as f64, h.weight_decay as f64, h.beta1 as f64, h.beta2 as f64, h.eps as f64);
         let bc1 = 1.0 - b1.powi(t);
         let bc2 = 1.0 - b2.powi(t);
         for j in 0..p.len() {

@@ -2,18 +2,19 @@
 //! probability matrix: queries are taken in blocks of [`BLOCK_Q`] rows against key blocks of up to
 //! [`BLOCK_K`] with an online softmax (running max and sum), and the forward keeps only each row's
 //! log-sum-exp; the backward recomputes the probabilities tile by tile (FlashAttention-2's scheme).
-//! Tasks are (batch, head) pairs spread over the pool; the tile products run serially inside them.
+//! Tasks are (batch, head) pairs spread over the pool; inside a task, the tile products run on a
+//! register-blocked micro-kernel ([`super::tile`]) with K and V transposed once per head.
 //!
 //! Layout: token `t` of batch `b` is row `b * seq + t` of a row-major buffer with leading dimension
 //! `ld`, and head `h` occupies columns `h * head_dim .. (h + 1) * head_dim` of that row. So q, k and v
 //! can be three offset views of one fused QKV projection (`ld = 3 * heads * head_dim`) and the output
 //! feeds the output projection directly: no head transposes anywhere.
 
-use super::gemm::gemm_serial_raw;
+use super::tile;
 use super::{math, softmax::dot_serial, Dst};
 use crate::error::{check_len, check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
-use crate::simd::{isa, Isa, Scalar, Simd};
+use crate::simd::{isa, Scalar, Simd};
 
 /// Query rows per tile.
 pub const BLOCK_Q: usize = 64;
@@ -36,10 +37,7 @@ impl AttnShape {
 
     fn check(&self, op: &'static str) -> Result<()> {
         if self.head_dim == 0 || self.heads == 0 {
-            return Err(TensorError::Shape {
-                op,
-                msg: format!("{self:?} has no columns"),
-            });
+            return Err(TensorError::Shape { op, msg: format!("{self:?} has no columns") });
         }
         Ok(())
     }
@@ -68,23 +66,13 @@ pub struct RowsMut<'a> {
 #[derive(Debug)]
 pub enum QkvGrad<'a> {
     /// Three separate buffers.
-    Separate {
-        dq: RowsMut<'a>,
-        dk: RowsMut<'a>,
-        dv: RowsMut<'a>,
-    },
+    Separate { dq: RowsMut<'a>, dk: RowsMut<'a>, dv: RowsMut<'a> },
     /// One buffer whose rows are `[dq | dk | dv]`, each `heads * head_dim` wide (the gradient of a
     /// fused QKV projection).
     Packed(&'a mut [f32]),
 }
 
-fn check_rows(
-    op: &'static str,
-    arg: &'static str,
-    s: &AttnShape,
-    ld: usize,
-    len: usize,
-) -> Result<()> {
+fn check_rows(op: &'static str, arg: &'static str, s: &AttnShape, ld: usize, len: usize) -> Result<()> {
     let w = s.width();
     if ld < w {
         return Err(TensorError::Shape {
@@ -141,18 +129,22 @@ pub fn forward(
             let vh = v.data.as_ptr().add(base(v.ld));
             let oh = op_.get().add(base(ld_out));
             let lh = lse_ptr.map(|p| p.get().add(t * s.seq));
-            crate::dispatch!(isa, forward_head[](isa, &s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh))
+            crate::dispatch!(isa, forward_head[](&s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh))
         }
     });
     Ok(())
 }
 
-/// Key tile length: the sequence cut into near-equal tiles of at most [`BLOCK_K`].
+/// Score rows are padded to this many columns, so the tile kernel never falls back to scalar columns.
+const PAD: usize = 8;
+
+/// Key tile length: the sequence cut into near-equal tiles of at most [`BLOCK_K`], a multiple of
+/// [`PAD`] so that every tile but the last is unpadded.
 fn key_block(seq: usize) -> usize {
-    seq.div_ceil(seq.div_ceil(BLOCK_K))
+    seq.div_ceil(seq.div_ceil(BLOCK_K)).next_multiple_of(PAD)
 }
 
-/// `row = exp(row - m)` in place; returns the row's sum.
+/// `row = exp(row - m)` in place, with `m` at least the row's maximum; returns the row's sum.
 #[inline(always)]
 fn exp_shift_sum<S: Simd>(row: &mut [f32], m: f32) -> f32 {
     let n = row.len();
@@ -162,7 +154,7 @@ fn exp_shift_sum<S: Simd>(row: &mut [f32], m: f32) -> f32 {
     let mut i = 0;
     while i + S::LANES <= n {
         unsafe {
-            let e = math::exp::<S>(S::sub(S::load(p.add(i)), vm));
+            let e = math::exp_nonpos::<S>(S::sub(S::load(p.add(i)), vm));
             S::store(p.add(i), e);
             acc = S::add(acc, e);
         }
@@ -170,7 +162,7 @@ fn exp_shift_sum<S: Simd>(row: &mut [f32], m: f32) -> f32 {
     }
     let mut sum = S::reduce_sum(acc);
     while i < n {
-        let e = math::exp::<Scalar>(row[i] - m);
+        let e = math::exp_nonpos::<Scalar>(row[i] - m);
         row[i] = e;
         sum += e;
         i += 1;
@@ -194,7 +186,6 @@ impl super::Unary for Mul {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn forward_head<S: Simd>(
-    isa: Isa,
     s: &AttnShape,
     q: *const f32,
     ldq: usize,
@@ -209,6 +200,10 @@ unsafe fn forward_head<S: Simd>(
 ) {
     let (seq, hd) = (s.seq, s.head_dim);
     let bk = key_block(seq);
+    // K^T of this head, once, keys padded with zeros: the score products read contiguous rows.
+    let sp = seq.next_multiple_of(PAD);
+    let mut kt = vec![0f32; hd * sp];
+    tile::transpose_into(k, ldk, seq, hd, &mut kt, sp);
     let mut sc = vec![0f32; BLOCK_Q * bk];
     let mut acc = vec![0f32; BLOCK_Q * hd];
     let mut m = [0f32; BLOCK_Q];
@@ -217,26 +212,25 @@ unsafe fn forward_head<S: Simd>(
         let bq = BLOCK_Q.min(seq - i0);
         for j0 in (0..seq).step_by(bk) {
             let nk = bk.min(seq - j0);
+            let nkp = nk.next_multiple_of(PAD);
             let first = j0 == 0;
-            // Scores of this tile: scale * Q_i K_j^T.
-            gemm_serial_raw(
-                isa,
+            // Scores of this tile: scale * Q_i K_j^T (padding columns come out 0 and stay unused).
+            tile::matmul::<S>(
                 bq,
-                nk,
+                nkp,
                 hd,
                 scale,
                 q.add(i0 * ldq),
-                ldq as isize,
+                ldq,
                 1,
-                k.add(j0 * ldk),
-                1,
-                ldk as isize,
-                0.0,
+                kt.as_ptr().add(j0),
+                sp,
                 sc.as_mut_ptr(),
-                nk as isize,
+                nkp,
+                false,
             );
             for r in 0..bq {
-                let row = &mut sc[r * nk..(r + 1) * nk];
+                let row = &mut sc[r * nkp..r * nkp + nk];
                 let mx = super::reduce::max_serial::<S>(row);
                 let m_new = if first { mx } else { m[r].max(mx) };
                 let sum = exp_shift_sum::<S>(row, m_new);
@@ -249,23 +243,8 @@ unsafe fn forward_head<S: Simd>(
                 }
                 m[r] = m_new;
             }
-            // acc += P V_j (overwrite on the first key tile).
-            gemm_serial_raw(
-                isa,
-                bq,
-                hd,
-                nk,
-                1.0,
-                sc.as_ptr(),
-                nk as isize,
-                1,
-                v.add(j0 * ldv),
-                ldv as isize,
-                1,
-                if first { 0.0 } else { 1.0 },
-                acc.as_mut_ptr(),
-                hd as isize,
-            );
+            // acc (=|+=) P V_j: V's rows are already contiguous over the head dimension.
+            tile::matmul::<S>(bq, hd, nk, 1.0, sc.as_ptr(), nkp, 1, v.add(j0 * ldv), ldv, acc.as_mut_ptr(), hd, !first);
         }
         for r in 0..bq {
             let o = std::slice::from_raw_parts_mut(out.add((i0 + r) * ldo), hd);
@@ -318,16 +297,7 @@ pub fn backward(
             check_len(op, "dqkv", buf.len(), s.batch * s.seq * 3 * w)?;
             let p = buf.as_mut_ptr();
             // SAFETY: offsets w and 2w lie inside the checked buffer (or it is empty and unused).
-            unsafe {
-                (
-                    SendPtr(p),
-                    SendPtr(p.add(w)),
-                    SendPtr(p.add(2 * w)),
-                    3 * w,
-                    3 * w,
-                    3 * w,
-                )
-            }
+            unsafe { (SendPtr(p), SendPtr(p.add(w)), SendPtr(p.add(2 * w)), 3 * w, 3 * w, 3 * w) }
         }
     };
     if s.seq == 0 || s.batch == 0 {
@@ -352,7 +322,7 @@ pub fn backward(
                 ld: [q.ld, k.ld, v.ld, o.ld, dout.ld, lddq, lddk, lddv],
             };
             let lse_h = &lse[t * s.seq..(t + 1) * s.seq];
-            crate::dispatch!(isa, backward_head[](isa, &s, &ptrs, lse_h, scale))
+            crate::dispatch!(isa, backward_head[](&s, &ptrs, lse_h, scale))
         }
     });
     Ok(())
@@ -372,7 +342,7 @@ struct HeadPtrs {
 }
 
 #[inline(always)]
-unsafe fn backward_head<S: Simd>(isa: Isa, s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale: f32) {
+unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale: f32) {
     let (seq, hd) = (s.seq, s.head_dim);
     let [ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv] = p.ld;
     let bk = key_block(seq);
@@ -384,111 +354,52 @@ unsafe fn backward_head<S: Simd>(isa: Isa, s: &AttnShape, p: &HeadPtrs, lse: &[f
             dot_serial::<S>(a, b)
         })
         .collect();
-    for i in 0..seq {
-        std::slice::from_raw_parts_mut(p.dq.add(i * lddq), hd).fill(0.0);
-    }
+    // K^T and V^T of this head, once, for the two products over the head dimension.
+    let sp = seq.next_multiple_of(PAD);
+    let mut kt = vec![0f32; hd * sp];
+    let mut vt = vec![0f32; hd * sp];
+    tile::transpose_into(p.k, ldk, seq, hd, &mut kt, sp);
+    tile::transpose_into(p.v, ldv, seq, hd, &mut vt, sp);
     let mut pm = vec![0f32; BLOCK_Q * bk];
     let mut dp = vec![0f32; BLOCK_Q * bk];
     let mut dk_blk = vec![0f32; bk * hd];
     let mut dv_blk = vec![0f32; bk * hd];
     for j0 in (0..seq).step_by(bk) {
         let nk = bk.min(seq - j0);
+        let nkp = nk.next_multiple_of(PAD);
         for i0 in (0..seq).step_by(BLOCK_Q) {
             let bq = BLOCK_Q.min(seq - i0);
             let first = i0 == 0;
             let (qi, doi) = (p.q.add(i0 * ldq), p.dout.add(i0 * lddo));
             // P = exp(scale * Q_i K_j^T - lse_i).
-            gemm_serial_raw(
-                isa,
-                bq,
-                nk,
-                hd,
-                scale,
-                qi,
-                ldq as isize,
-                1,
-                p.k.add(j0 * ldk),
-                1,
-                ldk as isize,
-                0.0,
-                pm.as_mut_ptr(),
-                nk as isize,
-            );
+            tile::matmul::<S>(bq, nkp, hd, scale, qi, ldq, 1, kt.as_ptr().add(j0), sp, pm.as_mut_ptr(), nkp, false);
             for r in 0..bq {
-                exp_shift_sum::<S>(&mut pm[r * nk..(r + 1) * nk], lse[i0 + r]);
+                exp_shift_sum::<S>(&mut pm[r * nkp..r * nkp + nk], lse[i0 + r]);
             }
-            // dV_j += P^T dO_i.
-            gemm_serial_raw(
-                isa,
-                nk,
-                hd,
-                bq,
-                1.0,
-                pm.as_ptr(),
-                1,
-                nk as isize,
-                doi,
-                lddo as isize,
-                1,
-                if first { 0.0 } else { 1.0 },
-                dv_blk.as_mut_ptr(),
-                hd as isize,
-            );
+            // dV_j (=|+=) P^T dO_i.
+            tile::matmul::<S>(nk, hd, bq, 1.0, pm.as_ptr(), 1, nkp, doi, lddo, dv_blk.as_mut_ptr(), hd, !first);
             // dP = dO_i V_j^T; dS = P * (dP - D_i).
-            gemm_serial_raw(
-                isa,
-                bq,
-                nk,
-                hd,
-                1.0,
-                doi,
-                lddo as isize,
-                1,
-                p.v.add(j0 * ldv),
-                1,
-                ldv as isize,
-                0.0,
-                dp.as_mut_ptr(),
-                nk as isize,
-            );
+            tile::matmul::<S>(bq, nkp, hd, 1.0, doi, lddo, 1, vt.as_ptr().add(j0), sp, dp.as_mut_ptr(), nkp, false);
             for r in 0..bq {
-                let pr = &pm[r * nk..(r + 1) * nk];
-                let dr = &mut dp[r * nk..(r + 1) * nk];
-                ds_inplace::<S>(pr, dr, dvec[i0 + r]);
+                let row = r * nkp..r * nkp + nk;
+                ds_inplace::<S>(&pm[row.clone()], &mut dp[row], dvec[i0 + r]);
             }
-            // dQ_i += scale * dS K_j;  dK_j += scale * dS^T Q_i.
-            gemm_serial_raw(
-                isa,
+            // dQ_i += scale * dS K_j (the first key tile overwrites);  dK_j (=|+=) scale * dS^T Q_i.
+            tile::matmul::<S>(
                 bq,
                 hd,
                 nk,
                 scale,
                 dp.as_ptr(),
-                nk as isize,
+                nkp,
                 1,
                 p.k.add(j0 * ldk),
-                ldk as isize,
-                1,
-                1.0,
+                ldk,
                 p.dq.add(i0 * lddq),
-                lddq as isize,
+                lddq,
+                j0 > 0,
             );
-            gemm_serial_raw(
-                isa,
-                nk,
-                hd,
-                bq,
-                scale,
-                dp.as_ptr(),
-                1,
-                nk as isize,
-                qi,
-                ldq as isize,
-                1,
-                if first { 0.0 } else { 1.0 },
-                dk_blk.as_mut_ptr(),
-                hd as isize,
-            );
+            tile::matmul::<S>(nk, hd, bq, scale, dp.as_ptr(), 1, nkp, qi, ldq, dk_blk.as_mut_ptr(), hd, !first);
         }
         for r in 0..nk {
             std::slice::from_raw_parts_mut(p.dk.add((j0 + r) * lddk), hd)
@@ -508,12 +419,7 @@ fn ds_inplace<S: Simd>(p: &[f32], dp: &mut [f32], d: f32) {
     let mut i = 0;
     while i + S::LANES <= n {
         // SAFETY: i + LANES <= n for both rows.
-        unsafe {
-            S::store(
-                dpp.add(i),
-                S::mul(S::load(pp.add(i)), S::sub(S::load(dpp.add(i)), vd)),
-            )
-        };
+        unsafe { S::store(dpp.add(i), S::mul(S::load(pp.add(i)), S::sub(S::load(dpp.add(i)), vd))) };
         i += S::LANES;
     }
     while i < n {
@@ -527,29 +433,16 @@ fn ds_inplace<S: Simd>(p: &[f32], dp: &mut [f32], d: f32) {
 pub mod reference {
     use super::AttnShape;
 
-    pub fn forward(
-        s: &AttnShape,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        scale: f64,
-    ) -> (Vec<f64>, Vec<f64>) {
+    pub fn forward(s: &AttnShape, q: &[f32], k: &[f32], v: &[f32], scale: f64) -> (Vec<f64>, Vec<f64>) {
         let w = s.heads * s.head_dim;
         let mut out = vec![0.0; s.batch * s.seq * w];
         let mut probs = vec![0.0; s.batch * s.heads * s.seq * s.seq];
         for b in 0..s.batch {
             for h in 0..s.heads {
-                let at = |x: &[f32], t: usize, d: usize| {
-                    x[(b * s.seq + t) * w + h * s.head_dim + d] as f64
-                };
+                let at = |x: &[f32], t: usize, d: usize| x[(b * s.seq + t) * w + h * s.head_dim + d] as f64;
                 for i in 0..s.seq {
                     let sc: Vec<f64> = (0..s.seq)
-                        .map(|j| {
-                            (0..s.head_dim)
-                                .map(|d| at(q, i, d) * at(k, j, d))
-                                .sum::<f64>()
-                                * scale
-                        })
+                        .map(|j| (0..s.head_dim).map(|d| at(q, i, d) * at(k, j, d)).sum::<f64>() * scale)
                         .collect();
                     let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = sc.iter().map(|x| (x - m).exp()).collect();
@@ -587,11 +480,7 @@ pub mod reference {
                 let p = |i: usize, j: usize| probs[((b * s.heads + h) * s.seq + i) * s.seq + j];
                 for i in 0..s.seq {
                     let dp: Vec<f64> = (0..s.seq)
-                        .map(|j| {
-                            (0..s.head_dim)
-                                .map(|d| dout[idx(i, d)] as f64 * v[idx(j, d)] as f64)
-                                .sum()
-                        })
+                        .map(|j| (0..s.head_dim).map(|d| dout[idx(i, d)] as f64 * v[idx(j, d)] as f64).sum())
                         .collect();
                     let dot: f64 = (0..s.seq).map(|j| p(i, j) * dp[j]).sum();
                     for j in 0..s.seq {

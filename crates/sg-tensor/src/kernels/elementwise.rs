@@ -88,10 +88,7 @@ pub fn add_row_broadcast(y: &mut [f32], row: &[f32]) -> Result<()> {
     if d == 0 || y.len() % d != 0 {
         return Err(TensorError::Shape {
             op: "add_row_broadcast",
-            msg: format!(
-                "a buffer of {} elements is not a whole number of rows of {d}",
-                y.len()
-            ),
+            msg: format!("a buffer of {} elements is not a whole number of rows of {d}", y.len()),
         });
     }
     let rows_per_task = (super::STREAM_CHUNK / d).max(1);
@@ -99,10 +96,7 @@ pub fn add_row_broadcast(y: &mut [f32], row: &[f32]) -> Result<()> {
     let isa = crate::simd::isa();
     par::chunks_mut(y, rows_per_task * d, parallel, |_, yc| {
         for yr in yc.chunks_exact_mut(d) {
-            crate::dispatch!(
-                isa,
-                super::unary_serial[super::Identity](&super::Identity, row, yr, Dst::Accumulate)
-            );
+            crate::dispatch!(isa, super::unary_serial[super::Identity](&super::Identity, row, yr, Dst::Accumulate));
         }
     });
     Ok(())

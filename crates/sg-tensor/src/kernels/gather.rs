@@ -30,25 +30,9 @@ fn check(
 }
 
 /// `dst[b, i, :] = src[b, ids[b, i], :]`; `src` is `(batch, len, dim)`, `dst` `(batch, count, dim)`.
-pub fn gather_rows(
-    src: &[f32],
-    batch: usize,
-    len: usize,
-    dim: usize,
-    ids: &[usize],
-    dst: &mut [f32],
-) -> Result<()> {
+pub fn gather_rows(src: &[f32], batch: usize, len: usize, dim: usize, ids: &[usize], dst: &mut [f32]) -> Result<()> {
     let count = ids.len().checked_div(batch).unwrap_or(0);
-    check(
-        "gather_rows",
-        src.len(),
-        dst.len(),
-        ids.len(),
-        batch,
-        len,
-        count,
-        dim,
-    )?;
+    check("gather_rows", src.len(), dst.len(), ids.len(), batch, len, count, dim)?;
     check_ids("gather_rows", ids, len)?;
     if dim == 0 || count == 0 {
         return Ok(());
@@ -56,10 +40,7 @@ pub fn gather_rows(
     let parallel = dst.len() > 2 * super::STREAM_CHUNK && par::can_split();
     par::chunks_mut(dst, count * dim, parallel, |b, d| {
         let s = &src[b * len * dim..(b + 1) * len * dim];
-        for (row, &id) in d
-            .chunks_exact_mut(dim)
-            .zip(&ids[b * count..(b + 1) * count])
-        {
+        for (row, &id) in d.chunks_exact_mut(dim).zip(&ids[b * count..(b + 1) * count]) {
             row.copy_from_slice(&s[id * dim..(id + 1) * dim]);
         }
     });
@@ -102,14 +83,7 @@ fn scatter(
 }
 
 /// `dst[b, ids[b, i], :] = src[b, i, :]`; rows of `dst` not named by `ids` are left as they are.
-pub fn scatter_rows(
-    src: &[f32],
-    batch: usize,
-    len: usize,
-    dim: usize,
-    ids: &[usize],
-    dst: &mut [f32],
-) -> Result<()> {
+pub fn scatter_rows(src: &[f32], batch: usize, len: usize, dim: usize, ids: &[usize], dst: &mut [f32]) -> Result<()> {
     scatter("scatter_rows", src, batch, len, dim, ids, dst, false)
 }
 

@@ -20,23 +20,14 @@ pub enum Trans {
 /// Below this many multiply-adds a split costs more than it saves.
 const PAR_MIN_FLOPS: usize = 1 << 20;
 
-fn check_operand(
-    op: &'static str,
-    arg: &'static str,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-    len: usize,
-) -> Result<()> {
+fn check_operand(op: &'static str, arg: &'static str, rows: usize, cols: usize, ld: usize, len: usize) -> Result<()> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
     if ld < cols {
         return Err(TensorError::Shape {
             op,
-            msg: format!(
-                "`{arg}` is stored {rows} x {cols} but its leading dimension is {ld} (< {cols})"
-            ),
+            msg: format!("`{arg}` is stored {rows} x {cols} but its leading dimension is {ld} (< {cols})"),
         });
     }
     check_min_len(op, arg, len, (rows - 1) * ld + cols)
@@ -69,22 +60,7 @@ pub fn gemm(
     c: &mut [f32],
     ldc: usize,
 ) -> Result<()> {
-    gemm_epilogue(
-        ta,
-        tb,
-        m,
-        n,
-        k,
-        alpha,
-        a,
-        lda,
-        b,
-        ldb,
-        beta,
-        c,
-        ldc,
-        &|_, _| {},
-    )
+    gemm_epilogue(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &|_, _| {})
 }
 
 /// A block of C handed to an epilogue: rows `r0..r1`, columns `c0..c1`.
@@ -138,99 +114,23 @@ pub(crate) fn gemm_epilogue(
             let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
             let (bm, bn) = (blk.r1 - blk.r0, blk.c1 - blk.c0);
             if scalar {
-                reference::gemm_raw(
-                    bm,
-                    bn,
-                    k,
-                    alpha,
-                    a0,
-                    rsa,
-                    csa,
-                    b0,
-                    rsb,
-                    csb,
-                    beta,
-                    c0,
-                    ldc as isize,
-                );
+                reference::gemm_raw(bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc as isize);
             } else {
-                matrixmultiply::sgemm(
-                    bm,
-                    k,
-                    bn,
-                    alpha,
-                    a0,
-                    rsa,
-                    csa,
-                    b0,
-                    rsb,
-                    csb,
-                    beta,
-                    c0,
-                    ldc as isize,
-                    1,
-                );
+                matrixmultiply::sgemm(bm, k, bn, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc as isize, 1);
             }
         }
         epilogue(blk, cp);
     };
-    let parts = if m * n * k >= PAR_MIN_FLOPS && par::can_split() {
-        par::threads()
-    } else {
-        1
-    };
+    let parts = if m * n * k >= PAR_MIN_FLOPS && par::can_split() { par::threads() } else { 1 };
     // Split the larger side of C: the other operand is packed once per part, so this packs least.
     let (len, align) = if n >= m { (n, 16) } else { (m, 8) };
     let chunk = len.div_ceil(parts).div_ceil(align) * align;
     let nblocks = len.div_ceil(chunk);
     par::for_each(nblocks, nblocks > 1, |i| {
         let (s, e) = (i * chunk, ((i + 1) * chunk).min(len));
-        run(if n >= m {
-            Block {
-                r0: 0,
-                r1: m,
-                c0: s,
-                c1: e,
-            }
-        } else {
-            Block {
-                r0: s,
-                r1: e,
-                c0: 0,
-                c1: n,
-            }
-        })
+        run(if n >= m { Block { r0: 0, r1: m, c0: s, c1: e } } else { Block { r0: s, r1: e, c0: 0, c1: n } })
     });
     Ok(())
-}
-
-/// Serial strided product for kernels that already run inside a parallel task (attention tiles).
-///
-/// # Safety
-/// The pointers with their strides must address valid `m x k`, `k x n` and `m x n` matrices, and C
-/// must not overlap A or B.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_serial_raw(
-    isa: Isa,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    beta: f32,
-    c: *mut f32,
-    rsc: isize,
-) {
-    if isa == Isa::Scalar {
-        reference::gemm_raw(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc);
-    } else {
-        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, 1);
-    }
 }
 
 /// Plain loops: the scalar kernel (`Isa::Scalar`) and what the tests trust.
@@ -238,7 +138,8 @@ pub mod reference {
     use super::Trans;
 
     /// # Safety
-    /// As for [`super::gemm_serial_raw`].
+    /// The pointers with their strides must address valid `m x k`, `k x n` and `m x n` matrices,
+    /// and C must not overlap A or B.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gemm_raw(
         m: usize,
@@ -262,11 +163,7 @@ pub mod reference {
                     s += *a.offset(i * rsa + p * csa) * *b.offset(p * rsb + j * csb);
                 }
                 let cij = c.offset(i * rsc + j);
-                *cij = if beta == 0.0 {
-                    alpha * s
-                } else {
-                    alpha * s + beta * *cij
-                };
+                *cij = if beta == 0.0 { alpha * s } else { alpha * s + beta * *cij };
             }
         }
     }
@@ -294,11 +191,7 @@ pub mod reference {
         for i in 0..m {
             for j in 0..n {
                 let s: f64 = (0..k).map(|p| at(i, p) * bt(p, j)).sum();
-                let old = if beta == 0.0 {
-                    0.0
-                } else {
-                    beta * c[i * ldc + j] as f64
-                };
+                let old = if beta == 0.0 { 0.0 } else { beta * c[i * ldc + j] as f64 };
                 out[i * n + j] = alpha * s + old;
             }
         }

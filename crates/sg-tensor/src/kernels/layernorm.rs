@@ -13,19 +13,9 @@ use crate::simd::{isa, Scalar, Simd};
 /// Rows per parallel task.
 const ROW_BLOCK: usize = 32;
 
-fn check(
-    op: &'static str,
-    x: usize,
-    rows: usize,
-    dim: usize,
-    gamma: usize,
-    beta: usize,
-) -> Result<()> {
+fn check(op: &'static str, x: usize, rows: usize, dim: usize, gamma: usize, beta: usize) -> Result<()> {
     if dim == 0 {
-        return Err(TensorError::Shape {
-            op,
-            msg: "layer norm over an empty last axis".into(),
-        });
+        return Err(TensorError::Shape { op, msg: "layer norm over an empty last axis".into() });
     }
     check_len(op, "x", x, rows * dim)?;
     check_len(op, "gamma", gamma, dim)?;
@@ -76,10 +66,7 @@ fn forward_rows<S: Simd>(
         while i + S::LANES <= d {
             unsafe {
                 let xh = S::mul(S::sub(S::load(xp.add(i)), vm), vr);
-                S::store(
-                    yp.add(i),
-                    S::fma(xh, S::load(gp.add(i)), S::load(bp.add(i))),
-                );
+                S::store(yp.add(i), S::fma(xh, S::load(gp.add(i)), S::load(bp.add(i))));
             }
             i += S::LANES;
         }
@@ -103,20 +90,10 @@ pub fn forward(
     stats: Option<(&mut [f32], &mut [f32])>,
 ) -> Result<()> {
     let dim = gamma.len();
-    check(
-        "layernorm::forward",
-        x.len(),
-        rows,
-        dim,
-        gamma.len(),
-        beta.len(),
-    )?;
+    check("layernorm::forward", x.len(), rows, dim, gamma.len(), beta.len())?;
     check_len("layernorm::forward", "y", y.len(), x.len())?;
     if eps.is_nan() || eps <= 0.0 {
-        return Err(TensorError::Arg {
-            op: "layernorm::forward",
-            msg: format!("eps must be positive, got {eps}"),
-        });
+        return Err(TensorError::Arg { op: "layernorm::forward", msg: format!("eps must be positive, got {eps}") });
     }
     let isa = isa();
     let chunk = ROW_BLOCK * dim;
@@ -129,10 +106,7 @@ pub fn forward(
         Some((mean, rstd)) => {
             check_len("layernorm::forward", "mean", mean.len(), rows)?;
             check_len("layernorm::forward", "rstd", rstd.len(), rows)?;
-            let (mp, sp) = (
-                par::SendPtr(mean.as_mut_ptr()),
-                par::SendPtr(rstd.as_mut_ptr()),
-            );
+            let (mp, sp) = (par::SendPtr(mean.as_mut_ptr()), par::SendPtr(rstd.as_mut_ptr()));
             par::chunks_mut(y, chunk, parallel, |ci, yc| {
                 let xc = &x[ci * chunk..ci * chunk + yc.len()];
                 let nr = yc.len() / dim;
@@ -170,13 +144,7 @@ fn backward_rows<S: Simd>(
         let (xr, dyr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
         let dxr = &mut dx[r * d..(r + 1) * d];
         let (vm, vr) = (S::splat(mean[r]), S::splat(rstd[r]));
-        let (xp, dyp, gp, dgp, dbp) = (
-            xr.as_ptr(),
-            dyr.as_ptr(),
-            gamma.as_ptr(),
-            dg.as_mut_ptr(),
-            db.as_mut_ptr(),
-        );
+        let (xp, dyp, gp, dgp, dbp) = (xr.as_ptr(), dyr.as_ptr(), gamma.as_ptr(), dg.as_mut_ptr(), db.as_mut_ptr());
         // Pass 1: the two row means, and the parameter gradients.
         let (mut sg, mut sgx) = (S::splat(0.0), S::splat(0.0));
         let mut i = 0;
@@ -260,8 +228,7 @@ pub fn backward(
         let r1 = (r0 + ROW_BLOCK).min(rows);
         let (dg, db) = p.split_at_mut(dim);
         // SAFETY: block `bi` writes rows r0..r1 of dx only.
-        let dxb =
-            unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r0 * dim), (r1 - r0) * dim) };
+        let dxb = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r0 * dim), (r1 - r0) * dim) };
         let rr = r0 * dim..r1 * dim;
         crate::dispatch!(isa, backward_rows[](&x[rr.clone()], gamma, &mean[r0..r1], &rstd[r0..r1], &dy[rr], dxb, dst, dg, db)
         )
@@ -278,23 +245,14 @@ pub fn backward(
 /// Plain f64 loops that the tests trust.
 pub mod reference {
     /// Returns `(y, mean, rstd)`.
-    pub fn forward(
-        x: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f64,
-    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    pub fn forward(x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let d = gamma.len();
         let (mut y, mut ms, mut rs) = (vec![], vec![], vec![]);
         for r in x.chunks_exact(d) {
             let m = r.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
             let var = r.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / d as f64;
             let rstd = 1.0 / (var + eps).sqrt();
-            y.extend(
-                r.iter()
-                    .enumerate()
-                    .map(|(j, &v)| (v as f64 - m) * rstd * gamma[j] as f64 + beta[j] as f64),
-            );
+            y.extend(r.iter().enumerate().map(|(j, &v)| (v as f64 - m) * rstd * gamma[j] as f64 + beta[j] as f64));
             ms.push(m);
             rs.push(rstd);
         }
@@ -302,22 +260,13 @@ pub mod reference {
     }
 
     /// Returns `(dx, dgamma, dbeta)`.
-    pub fn backward(
-        x: &[f32],
-        gamma: &[f32],
-        dy: &[f32],
-        eps: f64,
-    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    pub fn backward(x: &[f32], gamma: &[f32], dy: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let d = gamma.len();
         let (_, ms, rs) = forward(x, gamma, &vec![0.0; d], eps);
         let (mut dx, mut dg, mut db) = (vec![], vec![0.0; d], vec![0.0; d]);
         for (r, (xr, dyr)) in x.chunks_exact(d).zip(dy.chunks_exact(d)).enumerate() {
             let xh: Vec<f64> = xr.iter().map(|&v| (v as f64 - ms[r]) * rs[r]).collect();
-            let g: Vec<f64> = dyr
-                .iter()
-                .zip(gamma)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .collect();
+            let g: Vec<f64> = dyr.iter().zip(gamma).map(|(&a, &b)| a as f64 * b as f64).collect();
             let mg = g.iter().sum::<f64>() / d as f64;
             let mgx = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / d as f64;
             for j in 0..d {

@@ -15,15 +15,7 @@ pub enum Activation {
     Gelu,
 }
 
-fn check_dims(
-    op: &'static str,
-    x: usize,
-    w: usize,
-    bias: Option<usize>,
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Result<()> {
+fn check_dims(op: &'static str, x: usize, w: usize, bias: Option<usize>, m: usize, k: usize, n: usize) -> Result<()> {
     check_len(op, "x", x, m * k)?;
     check_len(op, "weight", w, n * k)?;
     if let Some(b) = bias {
@@ -33,25 +25,13 @@ fn check_dims(
 }
 
 #[inline(always)]
-fn epilogue_rows<S: Simd>(
-    blk: Block,
-    ld: usize,
-    src: *mut f32,
-    dst: *mut f32,
-    bias: Option<&[f32]>,
-    act: Activation,
-) {
+fn epilogue_rows<S: Simd>(blk: Block, ld: usize, src: *mut f32, dst: *mut f32, bias: Option<&[f32]>, act: Activation) {
     let w = blk.c1 - blk.c0;
     for r in blk.r0..blk.r1 {
         // SAFETY: the block's rows and columns lie inside both buffers (checked by the caller).
         let s = unsafe { std::slice::from_raw_parts_mut(src.add(r * ld + blk.c0), w) };
         if let Some(b) = bias {
-            super::unary_serial::<S, super::Identity>(
-                &super::Identity,
-                &b[blk.c0..blk.c1],
-                s,
-                Dst::Accumulate,
-            );
+            super::unary_serial::<S, super::Identity>(&super::Identity, &b[blk.c0..blk.c1], s, Dst::Accumulate);
         }
         if act == Activation::Gelu {
             if src == dst {
@@ -96,10 +76,7 @@ pub fn forward(
         Some(pre) => {
             check_len(op, "pre", pre.len(), m * n)?;
             if act != Activation::Gelu {
-                return Err(TensorError::Arg {
-                    op,
-                    msg: "a pre-activation buffer needs an activation".into(),
-                });
+                return Err(TensorError::Arg { op, msg: "a pre-activation buffer needs an activation".into() });
             }
             gemm_epilogue(
                 Trans::N,
@@ -204,17 +181,11 @@ pub mod reference {
         let mut y = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                let mut s: f64 = (0..k)
-                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
-                    .sum();
+                let mut s: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
                 if let Some(b) = bias {
                     s += b[j] as f64;
                 }
-                y[i * n + j] = if act == Activation::Gelu {
-                    crate::kernels::gelu::reference::gelu(s)
-                } else {
-                    s
-                };
+                y[i * n + j] = if act == Activation::Gelu { crate::kernels::gelu::reference::gelu(s) } else { s };
             }
         }
         y

@@ -35,18 +35,32 @@ pub fn exp<S: Simd>(x0: S::V) -> S::V {
     S::select_lt(S::splat(EXP_HI), x0, S::splat(f32::INFINITY), y)
 }
 
-// Fitted by tools/fit_erf.py (relative least squares against mpmath); see that script for the pieces.
+// Fitted by tools/fit_math.py: e^r = 1 + r + r^2 P(r) on |r| <= ln2/2, max relative error 1.0e-07.
+#[allow(clippy::excessive_precision)]
+const EXP5_P: [f32; 4] = [4.999_923_2e-1, 1.666_711_4e-1, 4.189_011_6e-2, 8.312_524e-3];
+
+/// `e^x` for `x <= 0`, the softmax's case after subtracting the row maximum: a degree-5 polynomial
+/// (about 2 ulp) and no overflow handling, about 40% fewer instructions than [`exp`]. Inputs below
+/// the normal range give a tiny positive number rather than 0, which a softmax sum cannot notice.
+#[inline(always)]
+pub fn exp_nonpos<S: Simd>(x: S::V) -> S::V {
+    let x = S::max(S::splat(EXP_LO), x);
+    let n = S::round(S::mul(x, S::splat(LOG2E)));
+    let r = S::fma(n, S::splat(-LN2_HI), x);
+    let r = S::fma(n, S::splat(-LN2_LO), r);
+    let mut p = S::splat(EXP5_P[3]);
+    p = S::fma(p, r, S::splat(EXP5_P[2]));
+    p = S::fma(p, r, S::splat(EXP5_P[1]));
+    p = S::fma(p, r, S::splat(EXP5_P[0]));
+    let y = S::fma(p, S::mul(r, r), S::add(r, S::splat(1.0)));
+    S::mul(y, S::pow2i(n))
+}
+
+// Fitted by tools/fit_math.py (relative least squares against mpmath); see that script for the pieces.
 // erf(x)/x on |x| <= 1 as a polynomial in x^2; max relative error of the fit 1.4e-09
 #[allow(clippy::excessive_precision)]
-const ERF_A: [f32; 7] = [
-    1.128_379_2e0,
-    -3.761_262_9e-1,
-    1.128_361_2e-1,
-    -2.685_480_9e-2,
-    5.190_053_6e-3,
-    -8.024_354e-4,
-    7.898_21e-5,
-];
+const ERF_A: [f32; 7] =
+    [1.128_379_2e0, -3.761_262_9e-1, 1.128_361_2e-1, -2.685_480_9e-2, 5.190_053_6e-3, -8.024_354e-4, 7.898_21e-5];
 // erfc(x) exp(x^2) on 1 < x < 4 as a polynomial in 1/x; max relative error of the fit 2.7e-09
 #[allow(clippy::excessive_precision)]
 const ERFC_B: [f32; 11] = [
@@ -82,10 +96,7 @@ pub fn erf<S: Simd>(x: S::V) -> S::V {
     let small = S::mul(x, horner::<S>(&ERF_A, S::mul(x, x)));
     // Large piece: 1 - exp(-a^2) B(1/a); a >= 4 (infinity included) gives exactly 1.
     let ac = S::min(S::splat(4.0), a);
-    let tail = S::mul(
-        exp::<S>(S::mul(S::splat(-1.0), S::mul(ac, ac))),
-        horner::<S>(&ERFC_B, S::div(one, ac)),
-    );
+    let tail = S::mul(exp::<S>(S::mul(S::splat(-1.0), S::mul(ac, ac))), horner::<S>(&ERFC_B, S::div(one, ac)));
     let large = S::copysign(S::select_lt(ac, S::splat(4.0), S::sub(one, tail), one), x);
     // `1 < a` is false for NaN, so NaN takes the small piece and stays NaN.
     S::select_lt(one, a, large, small)
@@ -98,24 +109,15 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// GELU in its exact form, `x * Phi(x)` with `Phi(x) = (1 + erf(x / sqrt 2)) / 2`.
 #[inline(always)]
 pub fn gelu<S: Simd>(x: S::V) -> S::V {
-    let phi = S::mul(
-        S::splat(0.5),
-        S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))),
-    );
+    let phi = S::mul(S::splat(0.5), S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))));
     S::mul(x, phi)
 }
 
 /// The exact derivative of [`gelu`]: `Phi(x) + x * phi(x)` with the normal density `phi`.
 #[inline(always)]
 pub fn gelu_grad<S: Simd>(x: S::V) -> S::V {
-    let phi_cdf = S::mul(
-        S::splat(0.5),
-        S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))),
-    );
-    let pdf = S::mul(
-        S::splat(INV_SQRT_2PI),
-        exp::<S>(S::mul(S::splat(-0.5), S::mul(x, x))),
-    );
+    let phi_cdf = S::mul(S::splat(0.5), S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))));
+    let pdf = S::mul(S::splat(INV_SQRT_2PI), exp::<S>(S::mul(S::splat(-0.5), S::mul(x, x))));
     S::fma(x, pdf, phi_cdf)
 }
 

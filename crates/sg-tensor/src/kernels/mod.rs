@@ -18,6 +18,7 @@ pub mod linear;
 pub mod math;
 pub mod reduce;
 pub mod softmax;
+mod tile;
 
 use crate::par;
 use crate::simd::{isa, Scalar, Simd};
@@ -95,24 +96,12 @@ pub(crate) fn unary_inplace_serial<S: Simd, O: Unary>(op: &O, y: &mut [f32]) {
 }
 
 #[inline(always)]
-pub(crate) fn binary_serial<S: Simd, O: Binary>(
-    op: &O,
-    a: &[f32],
-    b: &[f32],
-    y: &mut [f32],
-    dst: Dst,
-) {
+pub(crate) fn binary_serial<S: Simd, O: Binary>(op: &O, a: &[f32], b: &[f32], y: &mut [f32], dst: Dst) {
     let n = y.len().min(a.len()).min(b.len());
     let (ap, bp, yp) = (a.as_ptr(), b.as_ptr(), y.as_mut_ptr());
     let mut i = 0;
     while i + S::LANES <= n {
-        unsafe {
-            put::<S>(
-                yp.add(i),
-                op.f::<S>(S::load(ap.add(i)), S::load(bp.add(i))),
-                dst,
-            )
-        };
+        unsafe { put::<S>(yp.add(i), op.f::<S>(S::load(ap.add(i)), S::load(bp.add(i))), dst) };
         i += S::LANES;
     }
     while i < n {
@@ -135,9 +124,7 @@ pub(crate) fn run_unary<O: Unary>(op: &O, x: &[f32], y: &mut [f32], dst: Dst) {
 pub(crate) fn run_unary_inplace<O: Unary>(op: &O, y: &mut [f32]) {
     let parallel = y.len() > 2 * STREAM_CHUNK && par::can_split();
     let isa = isa();
-    par::chunks_mut(y, STREAM_CHUNK, parallel, |_, yc| {
-        crate::dispatch!(isa, unary_inplace_serial[O](op, yc))
-    });
+    par::chunks_mut(y, STREAM_CHUNK, parallel, |_, yc| crate::dispatch!(isa, unary_inplace_serial[O](op, yc)));
 }
 
 /// `y (=|+=) op(a, b)`.

@@ -23,11 +23,7 @@ fn sum_serial<S: Simd>(x: &[f32], square: bool) -> f64 {
         while i + 4 * S::LANES <= n {
             for (j, a) in acc.iter_mut().enumerate() {
                 let v = unsafe { S::load(p.add(i + j * S::LANES)) };
-                *a = if square {
-                    S::fma(v, v, *a)
-                } else {
-                    S::add(*a, v)
-                };
+                *a = if square { S::fma(v, v, *a) } else { S::add(*a, v) };
             }
             i += 4 * S::LANES;
         }
@@ -70,10 +66,7 @@ pub fn sum_sq(x: &[f32]) -> f64 {
 /// Mean of all elements; an error for an empty buffer.
 pub fn mean(x: &[f32]) -> Result<f64> {
     if x.is_empty() {
-        return Err(TensorError::Arg {
-            op: "mean",
-            msg: "mean of an empty buffer".into(),
-        });
+        return Err(TensorError::Arg { op: "mean", msg: "mean of an empty buffer".into() });
     }
     Ok(sum(x) / x.len() as f64)
 }
@@ -81,10 +74,7 @@ pub fn mean(x: &[f32]) -> Result<f64> {
 /// The largest element (NaN if any element is NaN); an error for an empty buffer.
 pub fn max(x: &[f32]) -> Result<f32> {
     if x.is_empty() {
-        return Err(TensorError::Arg {
-            op: "max",
-            msg: "max of an empty buffer".into(),
-        });
+        return Err(TensorError::Arg { op: "max", msg: "max of an empty buffer".into() });
     }
     if x.iter().any(|v| v.is_nan()) {
         return Ok(f32::NAN);
@@ -132,14 +122,7 @@ pub fn col_sum(x: &[f32], rows: usize, cols: usize, out: &mut [f32], dst: Dst) -
 }
 
 #[inline(always)]
-fn col_sum_serial<S: Simd>(
-    x: &[f32],
-    rows: usize,
-    cols: usize,
-    c0: usize,
-    out: &mut [f32],
-    dst: Dst,
-) {
+fn col_sum_serial<S: Simd>(x: &[f32], rows: usize, cols: usize, c0: usize, out: &mut [f32], dst: Dst) {
     if dst == Dst::Overwrite {
         out.fill(0.0);
     }

@@ -7,10 +7,7 @@ use crate::simd::{isa, Scalar, Simd};
 
 fn check_rows(op: &'static str, len: usize, rows: usize, dim: usize) -> Result<()> {
     if dim == 0 && rows > 0 {
-        return Err(TensorError::Shape {
-            op,
-            msg: "softmax over an empty row".into(),
-        });
+        return Err(TensorError::Shape { op, msg: "softmax over an empty row".into() });
     }
     check_len(op, "x", len, rows * dim)
 }
@@ -69,12 +66,7 @@ pub fn forward_inplace(x: &mut [f32], rows: usize, dim: usize) -> Result<()> {
     let rows_per_task = (STREAM_CHUNK / dim).max(1);
     let parallel = rows > rows_per_task && par::can_split();
     let isa = isa();
-    par::chunks_mut(
-        x,
-        rows_per_task * dim,
-        parallel,
-        |_, c| crate::dispatch!(isa, rows_inplace[](c, dim)),
-    );
+    par::chunks_mut(x, rows_per_task * dim, parallel, |_, c| crate::dispatch!(isa, rows_inplace[](c, dim)));
     Ok(())
 }
 
@@ -87,11 +79,7 @@ pub fn forward(x: &[f32], y: &mut [f32], rows: usize, dim: usize) -> Result<()> 
 
 #[inline(always)]
 fn backward_rows<S: Simd>(y: &[f32], dy: &[f32], dx: &mut [f32], dim: usize, dst: Dst) {
-    for ((yr, dyr), dxr) in y
-        .chunks_exact(dim)
-        .zip(dy.chunks_exact(dim))
-        .zip(dx.chunks_exact_mut(dim))
-    {
+    for ((yr, dyr), dxr) in y.chunks_exact(dim).zip(dy.chunks_exact(dim)).zip(dx.chunks_exact_mut(dim)) {
         let dot = dot_serial::<S>(yr, dyr);
         super::binary_serial::<S, SoftmaxGrad>(&SoftmaxGrad(dot), yr, dyr, dxr, dst);
     }
@@ -116,11 +104,7 @@ pub(crate) fn dot_serial<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
     while i + 2 * S::LANES <= n {
         unsafe {
             acc0 = S::fma(S::load(ap.add(i)), S::load(bp.add(i)), acc0);
-            acc1 = S::fma(
-                S::load(ap.add(i + S::LANES)),
-                S::load(bp.add(i + S::LANES)),
-                acc1,
-            );
+            acc1 = S::fma(S::load(ap.add(i + S::LANES)), S::load(bp.add(i + S::LANES)), acc1);
         }
         i += 2 * S::LANES;
     }
@@ -133,14 +117,7 @@ pub(crate) fn dot_serial<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `dx (=|+=) y * (dy - sum(dy * y))` per row, from the softmax output `y`.
-pub fn backward(
-    y: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
-    rows: usize,
-    dim: usize,
-    dst: Dst,
-) -> Result<()> {
+pub fn backward(y: &[f32], dy: &[f32], dx: &mut [f32], rows: usize, dim: usize, dst: Dst) -> Result<()> {
     check_rows("softmax::backward", y.len(), rows, dim)?;
     check_len("softmax::backward", "dy", dy.len(), y.len())?;
     check_len("softmax::backward", "dx", dx.len(), y.len())?;
@@ -175,11 +152,7 @@ pub mod reference {
         let mut out = Vec::with_capacity(y.len());
         for (yr, dr) in y.chunks_exact(dim).zip(dy.chunks_exact(dim)) {
             let dot: f64 = yr.iter().zip(dr).map(|(&a, &b)| a as f64 * b as f64).sum();
-            out.extend(
-                yr.iter()
-                    .zip(dr)
-                    .map(|(&y, &d)| y as f64 * (d as f64 - dot)),
-            );
+            out.extend(yr.iter().zip(dr).map(|(&y, &d)| y as f64 * (d as f64 - dot)));
         }
         out
     }

@@ -16,32 +16,26 @@ pub fn max_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length");
     got.iter()
         .zip(want)
-        .map(|(&g, &w)| {
-            if g.is_nan() && w.is_nan() {
-                0.0
-            } else {
-                (g as f64 - w).abs() / w.abs().max(1.0)
-            }
-        })
+        .map(|(&g, &w)| if g.is_nan() && w.is_nan() { 0.0 } else { (g as f64 - w).abs() / w.abs().max(1.0) })
         .fold(0.0, f64::max)
 }
 
 /// Error relative to the largest magnitude of the reference (for sums of many terms).
 pub fn rel_to_max(got: &[f32], want: &[f64]) -> f64 {
-    let scale = want.iter().fold(1e-30f64, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .fold(0.0, f64::max)
-        / scale
+    rel_to_max_floor(got, want, 1e-30)
+}
+
+/// Like [`rel_to_max`], with the scale at least `floor`: for results that can cancel to exactly zero
+/// (a one-token softmax has a zero gradient), where only absolute error at the inputs' scale means
+/// anything.
+pub fn rel_to_max_floor(got: &[f32], want: &[f64], floor: f64) -> f64 {
+    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale
 }
 
 /// A vector of `n` values uniform in [-scale, scale], from a proptest-drawn seed.
 pub fn data(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
     (0..n)
         .map(|_| {
             s ^= s << 13;

@@ -1,0 +1,145 @@
+//! Small dense products for attention tiles: `C (m x n) (=|+=) alpha * A (m x k) B (k x n)` where A
+//! is read element by element through strides (so it can be a tile, or a tile's transpose, in
+//! place) and B's rows are contiguous. A register-blocked micro-kernel keeps a 6 x (2 vectors) block
+//! of C in registers and streams k: per step, two loads of B, six broadcasts of A and twelve FMAs.
+//! Nothing is packed per call; attention transposes K and V once per head instead.
+
+use crate::simd::Simd;
+
+/// Rows of C per micro-kernel call.
+const MR: usize = 6;
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    c: *mut f32,
+    rsc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[S::splat(0.0); NV]; R];
+    for p in 0..k {
+        let bp = b.add(p * rsb);
+        let mut bv = [S::splat(0.0); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            *x = S::load(bp.add(v * S::LANES));
+        }
+        let ap = a.add(p * csa);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av = S::splat(*ap.add(r * rsa));
+            for v in 0..NV {
+                row[v] = S::fma(av, bv[v], row[v]);
+            }
+        }
+    }
+    let va = S::splat(alpha);
+    for (r, row) in acc.iter().enumerate() {
+        let cp = c.add(r * rsc);
+        for (v, &x) in row.iter().enumerate() {
+            let p = cp.add(v * S::LANES);
+            let y = if accumulate { S::fma(x, va, S::load(p)) } else { S::mul(x, va) };
+            S::store(p, y);
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_block<S: Simd, const NV: usize>(
+    rows: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    c: *mut f32,
+    rsc: usize,
+    acc: bool,
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let (a0, c0) = (a.add(r0 * rsa), c.add(r0 * rsc));
+        match rows - r0 {
+            1 => micro::<S, 1, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
+            2 => micro::<S, 2, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
+            3 => micro::<S, 3, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
+            4 => micro::<S, 4, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
+            5 => micro::<S, 5, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
+            _ => micro::<S, MR, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
+        }
+        r0 += MR;
+    }
+}
+
+/// `C (=|+=) alpha * A B`. Element `(i, p)` of A is at `a + i * rsa + p * csa`; row `p` of B starts at
+/// `b + p * rsb` and holds `n` contiguous values; row `i` of C starts at `c + i * rsc`.
+///
+/// # Safety
+/// All addressed elements must be valid, and C must not overlap A or B.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul<S: Simd>(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    c: *mut f32,
+    rsc: usize,
+    accumulate: bool,
+) {
+    let w2 = 2 * S::LANES;
+    let mut c0 = 0;
+    while c0 + w2 <= n {
+        rows_block::<S, 2>(m, k, alpha, a, rsa, csa, b.add(c0), rsb, c.add(c0), rsc, accumulate);
+        c0 += w2;
+    }
+    if c0 + S::LANES <= n {
+        rows_block::<S, 1>(m, k, alpha, a, rsa, csa, b.add(c0), rsb, c.add(c0), rsc, accumulate);
+        c0 += S::LANES;
+    }
+    // Fewer columns than one vector: plain loops.
+    for j in c0..n {
+        for i in 0..m {
+            let mut s = 0.0f32;
+            for p in 0..k {
+                s += *a.add(i * rsa + p * csa) * *b.add(p * rsb + j);
+            }
+            let cp = c.add(i * rsc + j);
+            *cp = if accumulate { *cp + alpha * s } else { alpha * s };
+        }
+    }
+}
+
+/// `dst[d * ld + j] = src[j * lds + d]` for `j < rows`, `d < cols`: one head's K or V transposed so
+/// that products over the head dimension read contiguous rows.
+///
+/// # Safety
+/// `src` must address `rows x cols` with row stride `lds`, and `dst` hold `(cols - 1) * ld + rows`.
+pub(crate) unsafe fn transpose_into(src: *const f32, lds: usize, rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+    debug_assert!(cols == 0 || rows == 0 || dst.len() >= (cols - 1) * ld + rows);
+    let dp = dst.as_mut_ptr();
+    // Blocks of 8 keys: each source row is read once, contiguously; the block's 8 destination
+    // rows stay in cache while it is written.
+    for j0 in (0..rows).step_by(8) {
+        let jn = (j0 + 8).min(rows);
+        for d in 0..cols {
+            let o = dp.add(d * ld);
+            for j in j0..jn {
+                *o.add(j) = *src.add(j * lds + d);
+            }
+        }
+    }
+}
