@@ -10,14 +10,19 @@
 //! Every public function that takes user data checks it and returns a [`TensorError`] naming the
 //! operation and the offending shapes.
 
+pub mod backend;
 pub mod dtype;
 pub mod error;
+pub mod exec;
 pub mod kernels;
 pub mod par;
+pub mod params;
 pub mod simd;
 pub mod tensor;
 
 pub use dtype::DType;
 pub use error::{Result, TensorError};
+pub use exec::{Eval, Exec, Value};
 pub use kernels::Dst;
+pub use params::{ParamRef, ParamStore};
 pub use tensor::Tensor;

@@ -1,0 +1,10 @@
+//! `sg-autograd`: training for SpectralGPT.
+//!
+//! - [`Tape`]: an executor of [`sg_tensor::Exec`] that runs the same kernels as inference, records
+//!   each coarse op (Linear, LayerNorm, attention, ...) with only the operands its backward needs,
+//!   and runs hand-written fused backwards in reverse. Model code is the same generic function for
+//!   training and inference.
+
+mod tape;
+
+pub use tape::{Grads, Tape};

@@ -1,0 +1,552 @@
+//! The training tape.
+//!
+//! Forward: each op runs the shared forward half ([`sg_tensor::exec::fwd`]) and, when a gradient can
+//! flow through it (an input on the tape, or a trainable parameter), records a node holding only
+//! what its backward needs: a Linear keeps its input only if its weight is trainable, an add keeps
+//! nothing. Ops on constants and frozen parameters are not recorded at all.
+//!
+//! Backward: nodes are visited in reverse. A node's gradient is taken out of its slot when the node
+//! is processed (and so freed once its consumer's backward has run), together with the node's
+//! saved operands. The first contribution to a gradient writes it; later ones accumulate.
+//! Parameter gradients land in one flat buffer at the parameters' offsets.
+
+use std::ops::Range;
+
+use sg_tensor::backend::{Backend, Grad, MaeLossDims, ParamGrads, Slice, SliceMut};
+use sg_tensor::exec::{fwd, NodeId, Value};
+use sg_tensor::kernels::attention::AttnShape;
+use sg_tensor::kernels::linear::Activation;
+use sg_tensor::{Dst, Exec, ParamRef, ParamStore, Result, TensorError};
+
+/// What a recorded op needs for its backward. `Option<NodeId>` inputs are `None` when no gradient
+/// flows into them (constants).
+enum Op<B: Backend> {
+    Param {
+        p: ParamRef,
+    },
+    Linear {
+        x: Option<NodeId>,
+        /// The input, kept only when the weight is trainable (for `dW = dy^T x`).
+        x_val: Option<B::Buf>,
+        w: ParamRef,
+        b: Option<ParamRef>,
+        /// The pre-activation of a fused GELU.
+        pre: Option<B::Buf>,
+        dims: (usize, usize, usize),
+    },
+    LayerNorm {
+        x: Option<NodeId>,
+        x_val: B::Buf,
+        w: ParamRef,
+        b: ParamRef,
+        mean: B::Buf,
+        rstd: B::Buf,
+    },
+    Attention {
+        qkv: NodeId,
+        qkv_val: B::Buf,
+        out: B::Buf,
+        lse: B::Buf,
+        shape: AttnShape,
+    },
+    Add {
+        a: Option<NodeId>,
+        b: Option<NodeId>,
+    },
+    AddRows {
+        x: Option<NodeId>,
+        rows: Option<NodeId>,
+        rows_count: usize,
+        dim: usize,
+    },
+    OuterAdd {
+        a: Option<NodeId>,
+        b: Option<NodeId>,
+        s: usize,
+        dim: usize,
+    },
+    Gather {
+        x: NodeId,
+        ids: Vec<usize>,
+        dims: (usize, usize, usize),
+    },
+    Unshuffle {
+        x: Option<NodeId>,
+        fill: Option<NodeId>,
+        restore: Vec<usize>,
+        dims: (usize, usize, usize),
+    },
+    MeanTokens {
+        x: NodeId,
+        dims: (usize, usize, usize),
+        skip_first: bool,
+    },
+    Reshape {
+        x: NodeId,
+    },
+    MaeLoss {
+        pred: NodeId,
+        pred_val: B::Buf,
+        target: B::Buf,
+        mask: Vec<f32>,
+        dims: MaeLossDims,
+    },
+    CrossEntropy {
+        logits: NodeId,
+        logits_val: B::Buf,
+        targets: Vec<f32>,
+        classes: usize,
+    },
+    /// A node whose backward has run (its saved operands are gone).
+    Done,
+}
+
+/// Parameter gradients: one flat buffer laid out like the [`ParamStore`].
+pub struct Grads<B: Backend> {
+    pub buf: B::Buf,
+    /// Per store entry: whether its gradient has been written since the buffer was (re)started.
+    written: Vec<bool>,
+}
+
+impl<B: Backend> Grads<B> {
+    /// An empty gradient for `store`: every entry's first write will overwrite.
+    pub fn new(backend: &B, store: &ParamStore) -> Self {
+        Grads { buf: backend.zeros(store.len()), written: vec![false; store.entries().len()] }
+    }
+
+    /// Starts a new accumulation: the next writes overwrite (no zeroing pass).
+    pub fn restart(&mut self) {
+        self.written.iter_mut().for_each(|w| *w = false);
+    }
+
+    /// Whether each entry of the store has received a gradient.
+    pub fn written(&self) -> &[bool] {
+        &self.written
+    }
+}
+
+/// The training executor: see the module documentation.
+pub struct Tape<'a, B: Backend> {
+    backend: B,
+    store: &'a ParamStore,
+    params: B::Buf,
+    nodes: Vec<Op<B>>,
+    /// Store entries sorted by offset, with their trainable flag (for "does this range need a gradient").
+    spans: Vec<(usize, usize, bool)>,
+}
+
+impl<'a, B: Backend> Tape<'a, B> {
+    pub fn new(backend: B, store: &'a ParamStore) -> Self {
+        let params = backend.upload_params(store);
+        Self::with_params(backend, store, params)
+    }
+
+    /// A tape over parameter values already on the backend (laid out like `store`): finite-difference
+    /// checks perturb them in the backend's own precision.
+    pub fn with_params(backend: B, store: &'a ParamStore, params: B::Buf) -> Self {
+        let mut spans: Vec<(usize, usize, bool)> =
+            store.entries().iter().map(|e| (e.param.offset, e.param.len(), e.trainable)).collect();
+        spans.sort_unstable();
+        Tape { backend, store, params, nodes: Vec::new(), spans }
+    }
+
+    /// Recorded nodes (for tests and memory accounting).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn trainable(&self, p: &ParamRef) -> bool {
+        let r = p.range();
+        self.spans.iter().any(|&(o, l, t)| t && o < r.end && o + l > r.start)
+    }
+
+    fn record(&mut self, op: Op<B>, mut v: Value<B>) -> Value<B> {
+        v.node = Some(NodeId(self.nodes.len()));
+        self.nodes.push(op);
+        v
+    }
+
+    fn check_node(&self, v: &Value<B>) -> Result<Option<NodeId>> {
+        match v.node {
+            Some(NodeId(i)) if i >= self.nodes.len() => Err(TensorError::Arg {
+                op: "tape",
+                msg: format!("value from node {i} does not belong to this tape of {} nodes", self.nodes.len()),
+            }),
+            n => Ok(n),
+        }
+    }
+
+    /// Gradients of the scalar `loss` for every trainable parameter, into a fresh [`Grads`].
+    pub fn backward(self, loss: &Value<B>) -> Result<Grads<B>> {
+        let mut g = Grads::new(&self.backend, self.store);
+        self.backward_into(loss, &mut g)?;
+        Ok(g)
+    }
+
+    /// Like [`Tape::backward`], adding into `grads` (gradient accumulation over micro-batches: call
+    /// [`Grads::restart`] before the first).
+    pub fn backward_into(mut self, loss: &Value<B>, grads: &mut Grads<B>) -> Result<()> {
+        if loss.numel() != 1 {
+            return Err(TensorError::Shape {
+                op: "backward",
+                msg: format!("the loss must be a scalar, got {:?}", loss.shape),
+            });
+        }
+        let root = match self.check_node(loss)? {
+            Some(NodeId(i)) => i,
+            // Nothing trainable reaches the loss: every gradient is zero.
+            None => return Ok(()),
+        };
+        if !matches!(self.nodes[root], Op::MaeLoss { .. } | Op::CrossEntropy { .. }) {
+            return Err(TensorError::Arg { op: "backward", msg: "backward starts from a loss op".into() });
+        }
+        if grads.written.len() != self.store.entries().len() {
+            return Err(TensorError::Arg {
+                op: "backward",
+                msg: "gradients laid out for another parameter store".into(),
+            });
+        }
+        let mut slots: Vec<Grad<B>> = (0..=root).map(|_| None).collect();
+        for i in (0..=root).rev() {
+            let op = std::mem::replace(&mut self.nodes[i], Op::Done);
+            let dy = slots[i].take();
+            // Loss nodes are the root and seed the backward with d loss / d loss = 1.
+            let is_root = i == root;
+            if dy.is_none() && !is_root {
+                continue;
+            }
+            self.backward_op(op, dy, &mut slots, grads)?;
+        }
+        Ok(())
+    }
+
+    /// Where `p`'s gradient goes and whether this write is its first of the step (overwrite) or not;
+    /// `None` for a frozen parameter. Marks `p`'s entries as written.
+    fn param_dst(&self, p: &ParamRef, grads: &mut Grads<B>) -> Result<Option<(Range<usize>, Dst)>> {
+        if !self.trainable(p) {
+            return Ok(None);
+        }
+        let r = p.range();
+        let covered: Vec<usize> = self
+            .store
+            .entries()
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.param.offset < r.end && e.param.offset + e.param.len() > r.start)
+            .map(|(i, _)| i)
+            .collect();
+        let any = covered.iter().any(|&i| grads.written[i]);
+        if any {
+            // A fused span over parameters of which only some were written before: zero the others
+            // so that the whole span can accumulate.
+            for &i in covered.iter().filter(|&&i| !grads.written[i]) {
+                let e = &self.store.entries()[i].param;
+                let z = self.backend.zeros(e.len());
+                self.backend.accumulate(SliceMut { buf: &mut grads.buf, range: e.range(), dst: Dst::Overwrite }, &z)?;
+            }
+        }
+        for &i in &covered {
+            grads.written[i] = true;
+        }
+        Ok(Some((r, if any { Dst::Accumulate } else { Dst::Overwrite })))
+    }
+
+    /// The weight and bias gradient ranges of a layer, or `None` when both are frozen.
+    fn layer_grads<'g>(
+        &self,
+        w: Option<&ParamRef>,
+        b: Option<&ParamRef>,
+        grads: &'g mut Grads<B>,
+    ) -> Result<Option<ParamGrads<'g, B>>> {
+        let w = match w {
+            Some(w) => self.param_dst(w, grads)?,
+            None => None,
+        };
+        let b = match b {
+            Some(b) => self.param_dst(b, grads)?,
+            None => None,
+        };
+        Ok((w.is_some() || b.is_some()).then_some(ParamGrads { buf: &mut grads.buf, w, b }))
+    }
+
+    fn backward_op(&self, op: Op<B>, dy: Grad<B>, slots: &mut [Grad<B>], grads: &mut Grads<B>) -> Result<()> {
+        let be = &self.backend;
+        // Split the slots so that an op can write its inputs' gradients (all earlier nodes).
+        let slot = |slots: &mut [Grad<B>], n: Option<NodeId>| -> *mut Grad<B> {
+            match n {
+                Some(NodeId(j)) => &mut slots[j] as *mut _,
+                None => std::ptr::null_mut(),
+            }
+        };
+        // SAFETY helper: distinct input nodes give distinct slots; where two inputs are the same node
+        // the ops below handle them one after the other, never holding both references at once.
+        let get = |p: *mut Grad<B>| -> Option<&mut Grad<B>> { unsafe { p.as_mut() } };
+        let need = |dy: &Grad<B>| -> Result<B::Buf> {
+            dy.clone().ok_or_else(|| TensorError::Arg { op: "backward", msg: "missing gradient".into() })
+        };
+        match op {
+            Op::Done => {}
+            Op::Param { p } => {
+                let dy = need(&dy)?;
+                if let Some((range, dst)) = self.param_dst(&p, grads)? {
+                    be.accumulate(SliceMut { buf: &mut grads.buf, range, dst }, &dy)?;
+                }
+            }
+            Op::Linear { x, x_val, w, b, pre, dims: (m, k, n) } => {
+                let dy = need(&dy)?;
+                let wslice = Slice { buf: &self.params, range: w.range() };
+                let dx = get(slot(slots, x));
+                // Without the saved input the weight is frozen (see `linear` below).
+                let pg = self.layer_grads(x_val.as_ref().map(|_| &w), b.as_ref(), grads)?;
+                be.linear_backward(x_val.as_ref(), wslice, pre.as_ref(), &dy, m, k, n, dx, pg)?;
+            }
+            Op::LayerNorm { x, x_val, w, b, mean, rstd } => {
+                let dy = need(&dy)?;
+                let wslice = Slice { buf: &self.params, range: w.range() };
+                let dx = get(slot(slots, x));
+                let pg = self.layer_grads(Some(&w), Some(&b), grads)?;
+                be.layernorm_backward(&x_val, wslice, &mean, &rstd, &dy, dx, pg)?;
+            }
+            Op::Attention { qkv, qkv_val, out, lse, shape } => {
+                let dy = need(&dy)?;
+                let d = get(slot(slots, Some(qkv))).expect("attention input is on the tape");
+                be.attention_backward(&qkv_val, &out, &lse, &dy, shape, d)?;
+            }
+            Op::Add { a, b } => {
+                let dy = need(&dy)?;
+                if let Some(s) = get(slot(slots, a)) {
+                    be.accumulate_grad(s, &dy)?;
+                }
+                if let Some(s) = get(slot(slots, b)) {
+                    be.accumulate_grad(s, &dy)?;
+                }
+            }
+            Op::AddRows { x, rows, rows_count, dim } => {
+                let dy = need(&dy)?;
+                if let Some(s) = get(slot(slots, x)) {
+                    be.accumulate_grad(s, &dy)?;
+                }
+                if let Some(s) = get(slot(slots, rows)) {
+                    be.add_rows_backward(&dy, rows_count, dim, s)?;
+                }
+            }
+            Op::OuterAdd { a, b, s, dim } => {
+                let dy = need(&dy)?;
+                be.outer_add_backward(&dy, s, dim, get(slot(slots, a)), None)?;
+                be.outer_add_backward(&dy, s, dim, None, get(slot(slots, b)))?;
+            }
+            Op::Gather { x, ids, dims: (bt, l, d) } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.gather_rows_backward(&dy, bt, l, d, &ids, s)?;
+            }
+            Op::Unshuffle { x, fill, restore, dims: (bt, k, d) } => {
+                let dy = need(&dy)?;
+                be.unshuffle_backward(&dy, bt, k, d, &restore, get(slot(slots, x)), None)?;
+                be.unshuffle_backward(&dy, bt, k, d, &restore, None, get(slot(slots, fill)))?;
+            }
+            Op::MeanTokens { x, dims: (bt, l, d), skip_first } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.mean_tokens_backward(&dy, bt, l, d, skip_first, s)?;
+            }
+            Op::Reshape { x } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.accumulate_grad(s, &dy)?;
+            }
+            Op::MaeLoss { pred, pred_val, target, mask, dims } => {
+                let s = get(slot(slots, Some(pred))).expect("on the tape");
+                be.mae_loss_backward(&pred_val, &target, &mask, dims, 1.0, s)?;
+            }
+            Op::CrossEntropy { logits, logits_val, targets, classes } => {
+                let s = get(slot(slots, Some(logits))).expect("on the tape");
+                be.cross_entropy_backward(&logits_val, &targets, classes, 1.0, s)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Exec for Tape<'_, B> {
+    type B = B;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn constant(&mut self, data: &[f32], shape: &[usize]) -> Result<Value<B>> {
+        let n: usize = shape.iter().product();
+        if data.len() != n {
+            return Err(TensorError::Length { op: "constant", arg: "data", expected: n, got: data.len() });
+        }
+        Ok(fwd::value(self.backend.upload(data), shape.to_vec()))
+    }
+
+    fn param(&mut self, p: &ParamRef) -> Result<Value<B>> {
+        let v = fwd::value(self.backend.copy_range(&self.params, p.range()), p.shape.clone());
+        Ok(if self.trainable(p) { self.record(Op::Param { p: p.clone() }, v) } else { v })
+    }
+
+    fn linear(&mut self, x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>, act: Activation) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let tw = self.trainable(w);
+        let tb = b.is_some_and(|b| self.trainable(b));
+        let grad = xn.is_some() || tw || tb;
+        let (y, pre) = fwd::linear(&self.backend, &self.params, x, w, b, act, grad)?;
+        if !grad {
+            return Ok(y);
+        }
+        let (m, k) = fwd::rows_cols(x);
+        let op = Op::Linear {
+            x: xn,
+            x_val: tw.then(|| x.buf.clone()),
+            w: w.clone(),
+            b: b.cloned(),
+            pre,
+            dims: (m, k, w.shape[0]),
+        };
+        Ok(self.record(op, y))
+    }
+
+    fn layernorm(&mut self, x: &Value<B>, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let grad = xn.is_some() || self.trainable(w) || self.trainable(b);
+        let (y, stats) = fwd::layernorm(&self.backend, &self.params, x, w, b, eps, grad)?;
+        match stats {
+            Some((mean, rstd)) if grad => {
+                let op = Op::LayerNorm { x: xn, x_val: x.buf.clone(), w: w.clone(), b: b.clone(), mean, rstd };
+                Ok(self.record(op, y))
+            }
+            _ => Ok(y),
+        }
+    }
+
+    fn attention(&mut self, qkv: &Value<B>, heads: usize) -> Result<Value<B>> {
+        let qn = self.check_node(qkv)?;
+        let (y, lse) = fwd::attention(&self.backend, qkv, heads, qn.is_some())?;
+        match (qn, lse) {
+            (Some(q), Some(lse)) => {
+                let shape = fwd::attn_shape(qkv, heads)?;
+                let op = Op::Attention { qkv: q, qkv_val: qkv.buf.clone(), out: y.buf.clone(), lse, shape };
+                Ok(self.record(op, y))
+            }
+            _ => Ok(y),
+        }
+    }
+
+    fn add(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        let (an, bn) = (self.check_node(a)?, self.check_node(b)?);
+        let y = fwd::add(&self.backend, a, b)?;
+        Ok(if an.is_some() || bn.is_some() { self.record(Op::Add { a: an, b: bn }, y) } else { y })
+    }
+
+    fn add_rows(&mut self, x: &Value<B>, rows: &Value<B>) -> Result<Value<B>> {
+        let (xn, rn) = (self.check_node(x)?, self.check_node(rows)?);
+        let y = fwd::add_rows(&self.backend, x, rows)?;
+        if xn.is_none() && rn.is_none() {
+            return Ok(y);
+        }
+        let dim = x.last_dim();
+        Ok(self.record(Op::AddRows { x: xn, rows: rn, rows_count: rows.numel() / dim, dim }, y))
+    }
+
+    fn outer_add(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        let (an, bn) = (self.check_node(a)?, self.check_node(b)?);
+        let y = fwd::outer_add(&self.backend, a, b)?;
+        if an.is_none() && bn.is_none() {
+            return Ok(y);
+        }
+        let (s, dim) = fwd::rows_cols(a);
+        Ok(self.record(Op::OuterAdd { a: an, b: bn, s, dim }, y))
+    }
+
+    fn gather_rows(&mut self, x: &Value<B>, ids: &[usize]) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let y = fwd::gather_rows(&self.backend, x, ids)?;
+        match xn {
+            Some(n) => {
+                let dims = fwd::bld("gather_rows", x)?;
+                Ok(self.record(Op::Gather { x: n, ids: ids.to_vec(), dims }, y))
+            }
+            None => Ok(y),
+        }
+    }
+
+    fn unshuffle(&mut self, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
+        let (xn, fnode) = (self.check_node(x)?, self.check_node(fill)?);
+        let y = fwd::unshuffle(&self.backend, x, fill, restore)?;
+        if xn.is_none() && fnode.is_none() {
+            return Ok(y);
+        }
+        let dims = fwd::bld("unshuffle", x)?;
+        Ok(self.record(Op::Unshuffle { x: xn, fill: fnode, restore: restore.to_vec(), dims }, y))
+    }
+
+    fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let y = fwd::mean_tokens(&self.backend, x, skip_first)?;
+        match xn {
+            Some(n) => {
+                let dims = fwd::bld("mean_tokens", x)?;
+                Ok(self.record(Op::MeanTokens { x: n, dims, skip_first }, y))
+            }
+            None => Ok(y),
+        }
+    }
+
+    fn reshape(&mut self, x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let mut y = fwd::reshape(x, shape)?;
+        y.node = None;
+        Ok(match xn {
+            Some(n) => self.record(Op::Reshape { x: n }, y),
+            None => y,
+        })
+    }
+
+    fn mae_loss(
+        &mut self,
+        pred: &Value<B>,
+        target: &Value<B>,
+        mask: &[f32],
+        groups: usize,
+    ) -> Result<(Value<B>, sg_tensor::backend::MaeLoss)> {
+        let pn = self.check_node(pred)?;
+        let dims = fwd::mae_dims(pred, target, mask, groups)?;
+        let l = self.backend.mae_loss(&pred.buf, &target.buf, mask, dims)?;
+        let v = fwd::value(self.backend.scalar(l.loss), vec![]);
+        Ok(match pn {
+            Some(n) => {
+                let op = Op::MaeLoss {
+                    pred: n,
+                    pred_val: pred.buf.clone(),
+                    target: target.buf.clone(),
+                    mask: mask.to_vec(),
+                    dims,
+                };
+                (self.record(op, v), l)
+            }
+            None => (v, l),
+        })
+    }
+
+    fn cross_entropy(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
+        let ln = self.check_node(logits)?;
+        let classes = fwd::check_targets(logits, targets)?;
+        let l = self.backend.cross_entropy(&logits.buf, targets, classes)?;
+        let v = fwd::value(self.backend.scalar(l), vec![]);
+        Ok(match ln {
+            Some(n) => {
+                let op =
+                    Op::CrossEntropy { logits: n, logits_val: logits.buf.clone(), targets: targets.to_vec(), classes };
+                (self.record(op, v), l)
+            }
+            None => (v, l),
+        })
+    }
+}

@@ -1,0 +1,370 @@
+//! Finite-difference gradient checks in f64 of every op and loss on the tape, under proptest, and the
+//! same graphs on the f32 CPU backend held to the f64 gradients (the backend conformance suite).
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use sg_autograd::Tape;
+use sg_tensor::backend::{Backend, Cpu, CpuF64};
+use sg_tensor::kernels::linear::Activation;
+use sg_tensor::{Eval, Exec, ParamRef, ParamStore, Result, Value};
+
+fn rand_vec(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// A graph from parameters to a scalar loss, written once for every executor.
+trait Graph {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>>;
+}
+
+/// A loss that makes every element of `v` matter: MAE loss against a fixed target with a fixed
+/// mask over rows of the last axis.
+fn probe<E: Exec>(e: &mut E, v: &Value<E::B>, seed: u64) -> Result<Value<E::B>> {
+    let cols = v.last_dim();
+    let rows = v.numel() / cols;
+    let p = e.reshape(v, &[1, rows, cols])?;
+    let target = e.constant(&rand_vec(seed, rows * cols, 1.0), &[1, rows, cols])?;
+    let mut mask: Vec<f32> = rand_vec(seed ^ 1, rows, 1.0).iter().map(|&m| f32::from(m > 0.0)).collect();
+    mask[0] = 1.0;
+    Ok(e.mae_loss(&p, &target, &mask, 1)?.0)
+}
+
+struct Check {
+    store: ParamStore,
+}
+
+impl Check {
+    fn new(specs: &[(&str, Vec<usize>)], seed: u64) -> (Self, Vec<ParamRef>) {
+        let mut store = ParamStore::new();
+        let refs = specs
+            .iter()
+            .enumerate()
+            .map(|(i, (name, shape))| {
+                let n = shape.iter().product();
+                store.add(name, shape, rand_vec(seed ^ (i as u64 + 1) * 7919, n, 0.8)).unwrap()
+            })
+            .collect();
+        (Check { store }, refs)
+    }
+
+    fn loss_f64(&self, g: &impl Graph, params: Vec<f64>) -> f64 {
+        let mut e = Eval::with_params(CpuF64, &self.store, Arc::new(params));
+        let l = g.build(&mut e).unwrap();
+        e.read(&l)[0]
+    }
+
+    fn grads<B: Backend>(&self, be: B, g: &impl Graph) -> (Vec<f64>, Vec<bool>) {
+        let mut t = Tape::new(be.clone(), &self.store);
+        let l = g.build(&mut t).unwrap();
+        let grads = t.backward(&l).unwrap();
+        (be.download(&grads.buf), grads.written().to_vec())
+    }
+
+    /// Analytic f64 gradients against central differences; then f32 gradients against f64 ones.
+    fn run(&self, g: &impl Graph) {
+        let (ana, written) = self.grads(CpuF64, g);
+        let base: Vec<f64> = self.store.data().iter().map(|&v| v as f64).collect();
+        let h = 1e-6;
+        let scale = ana.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for (ei, e) in self.store.entries().iter().enumerate() {
+            for i in e.param.range() {
+                let mut p = base.clone();
+                p[i] += h;
+                let up = self.loss_f64(g, p.clone());
+                p[i] -= 2.0 * h;
+                let down = self.loss_f64(g, p);
+                let num = (up - down) / (2.0 * h);
+                let got = if e.trainable && written[ei] { ana[i] } else { 0.0 };
+                if e.trainable {
+                    assert!(
+                        (num - got).abs() <= 1e-6 * scale,
+                        "{}[{}]: numeric {num}, tape {got}",
+                        e.name,
+                        i - e.param.offset
+                    );
+                }
+            }
+        }
+        let (f32g, _) = self.grads(Cpu, g);
+        let err = f32g.iter().zip(&ana).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale;
+        assert!(err <= 2e-4, "f32 backend gradients differ from f64 by {err} (relative to the largest)");
+    }
+}
+
+struct LinearG {
+    x: ParamRef,
+    w: ParamRef,
+    b: Option<ParamRef>,
+    act: Activation,
+}
+impl Graph for LinearG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let y = e.linear(&x, &self.w, self.b.as_ref(), self.act)?;
+        probe(e, &y, 3)
+    }
+}
+
+struct LayerNormG {
+    x: ParamRef,
+    w: ParamRef,
+    b: ParamRef,
+}
+impl Graph for LayerNormG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let y = e.layernorm(&x, &self.w, &self.b, 1e-6)?;
+        probe(e, &y, 4)
+    }
+}
+
+struct AttentionG {
+    qkv: ParamRef,
+    heads: usize,
+}
+impl Graph for AttentionG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let qkv = e.param(&self.qkv)?;
+        let y = e.attention(&qkv, self.heads)?;
+        probe(e, &y, 5)
+    }
+}
+
+/// Position embeddings joined (outer add), broadcast over the batch (add_rows), tokens gathered,
+/// unshuffled back with a fill row, a residual add, pooled, and a cross-entropy on top.
+struct PlumbingG {
+    x: ParamRef,
+    spatial: ParamRef,
+    spectral: ParamRef,
+    fill: ParamRef,
+    head: ParamRef,
+    keep: Vec<usize>,
+    restore: Vec<usize>,
+    skip_first: bool,
+    targets: Vec<f32>,
+}
+impl Graph for PlumbingG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let pos = {
+            let (s, g) = (e.param(&self.spatial)?, e.param(&self.spectral)?);
+            e.outer_add(&s, &g)?
+        };
+        let h = e.add_rows(&x, &pos)?;
+        let kept = e.gather_rows(&h, &self.keep)?;
+        let fill = e.param(&self.fill)?;
+        let full = e.unshuffle(&kept, &fill, &self.restore)?;
+        let r = e.add(&full, &x)?;
+        let r = e.add(&r, &r)?; // a value used twice: its gradient must add up
+        let pooled = e.mean_tokens(&r, self.skip_first)?;
+        let logits = e.linear(&pooled, &self.head, None, Activation::Identity)?;
+        Ok(e.cross_entropy(&logits, &self.targets)?.0)
+    }
+}
+
+/// A pre-norm transformer block with the q, k, v weights fused from adjacent parameters.
+struct BlockG {
+    x: ParamRef,
+    n1: (ParamRef, ParamRef),
+    qkv_w: ParamRef,
+    qkv_b: ParamRef,
+    proj: (ParamRef, ParamRef),
+    n2: (ParamRef, ParamRef),
+    fc1: (ParamRef, ParamRef),
+    fc2: (ParamRef, ParamRef),
+    heads: usize,
+    groups: usize,
+}
+impl Graph for BlockG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let h = e.layernorm(&x, &self.n1.0, &self.n1.1, 1e-6)?;
+        let qkv = e.linear(&h, &self.qkv_w, Some(&self.qkv_b), Activation::Identity)?;
+        let a = e.attention(&qkv, self.heads)?;
+        let a = e.linear(&a, &self.proj.0, Some(&self.proj.1), Activation::Identity)?;
+        let x = e.add(&x, &a)?;
+        let h = e.layernorm(&x, &self.n2.0, &self.n2.1, 1e-6)?;
+        let h = e.linear(&h, &self.fc1.0, Some(&self.fc1.1), Activation::Gelu)?;
+        let h = e.linear(&h, &self.fc2.0, Some(&self.fc2.1), Activation::Identity)?;
+        let y = e.add(&x, &h)?;
+        let target = e.constant(&rand_vec(9, y.numel(), 1.0), &y.shape)?;
+        let mask: Vec<f32> = (0..y.shape[0] * y.shape[1]).map(|i| f32::from(i % 3 != 0)).collect();
+        Ok(e.mae_loss(&y, &target, &mask, self.groups)?.0)
+    }
+}
+
+fn block(seed: u64, b: usize, t: usize, d: usize, heads: usize) -> (Check, BlockG) {
+    let specs = vec![
+        ("x", vec![b, t, d]),
+        ("norm1.weight", vec![d]),
+        ("norm1.bias", vec![d]),
+        ("attn.q.weight", vec![d, d]),
+        ("attn.k.weight", vec![d, d]),
+        ("attn.v.weight", vec![d, d]),
+        ("attn.q.bias", vec![d]),
+        ("attn.k.bias", vec![d]),
+        ("attn.v.bias", vec![d]),
+        ("attn.proj.weight", vec![d, d]),
+        ("attn.proj.bias", vec![d]),
+        ("norm2.weight", vec![d]),
+        ("norm2.bias", vec![d]),
+        ("mlp.fc1.weight", vec![2 * d, d]),
+        ("mlp.fc1.bias", vec![2 * d]),
+        ("mlp.fc2.weight", vec![d, 2 * d]),
+        ("mlp.fc2.bias", vec![d]),
+    ];
+    let (c, r) = Check::new(&specs, seed);
+    let qkv_w = c.store.concat(&[&r[3], &r[4], &r[5]]).unwrap();
+    let qkv_b = c.store.concat(&[&r[6], &r[7], &r[8]]).unwrap();
+    let g = BlockG {
+        x: r[0].clone(),
+        n1: (r[1].clone(), r[2].clone()),
+        qkv_w,
+        qkv_b,
+        proj: (r[9].clone(), r[10].clone()),
+        n2: (r[11].clone(), r[12].clone()),
+        fc1: (r[13].clone(), r[14].clone()),
+        fc2: (r[15].clone(), r[16].clone()),
+        heads,
+        groups: if t % 2 == 0 { 2 } else { 1 },
+    };
+    (c, g)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn linear_grads(seed in any::<u64>(), m in 1usize..5, k in 1usize..6, n in 1usize..6, bias in any::<bool>(), gelu in any::<bool>()) {
+        let (c, r) = Check::new(&[("x", vec![m, k]), ("w", vec![n, k]), ("b", vec![n])], seed);
+        let act = if gelu { Activation::Gelu } else { Activation::Identity };
+        c.run(&LinearG { x: r[0].clone(), w: r[1].clone(), b: bias.then(|| r[2].clone()), act });
+    }
+
+    #[test]
+    fn layernorm_grads(seed in any::<u64>(), rows in 1usize..5, d in 2usize..9) {
+        let (c, r) = Check::new(&[("x", vec![rows, d]), ("w", vec![d]), ("b", vec![d])], seed);
+        c.run(&LayerNormG { x: r[0].clone(), w: r[1].clone(), b: r[2].clone() });
+    }
+
+    #[test]
+    fn attention_grads(seed in any::<u64>(), b in 1usize..3, t in 1usize..6, heads in 1usize..3, hd in 1usize..4) {
+        let (c, r) = Check::new(&[("qkv", vec![b, t, 3 * heads * hd])], seed);
+        c.run(&AttentionG { qkv: r[0].clone(), heads });
+    }
+
+    #[test]
+    fn plumbing_grads(seed in any::<u64>(), b in 1usize..3, g in 1usize..3, s in 1usize..4, d in 1usize..4,
+                      keep_frac in 0.0f64..1.0, skip_first in any::<bool>(), classes in 2usize..4) {
+        let l = g * s;
+        prop_assume!(!(skip_first && l == 1));
+        let keep = ((l as f64 * keep_frac) as usize).max(1);
+        let (c, r) = Check::new(&[("x", vec![b, l, d]), ("spatial", vec![s, d]), ("spectral", vec![g, d]),
+                                  ("fill", vec![1, 1, d]), ("head", vec![classes, d])], seed);
+        let (mut ids_keep, mut restore) = (vec![], vec![]);
+        for bi in 0..b {
+            let noise = rand_vec(seed ^ bi as u64, l, 1.0);
+            let mut shuffle: Vec<usize> = (0..l).collect();
+            shuffle.sort_by(|&i, &j| noise[i].total_cmp(&noise[j]));
+            let mut rest = vec![0; l];
+            for (pos, &tok) in shuffle.iter().enumerate() {
+                rest[tok] = pos;
+            }
+            ids_keep.extend_from_slice(&shuffle[..keep]);
+            restore.extend(rest);
+        }
+        // Soft targets (label smoothing / mixup style): rows sum to 1.
+        let targets: Vec<f32> = (0..b).flat_map(|bi| {
+            let raw: Vec<f32> = rand_vec(seed ^ 99 ^ bi as u64, classes, 1.0).iter().map(|v| v.abs() + 0.1).collect();
+            let s: f32 = raw.iter().sum();
+            raw.into_iter().map(move |v| v / s)
+        }).collect();
+        c.run(&PlumbingG { x: r[0].clone(), spatial: r[1].clone(), spectral: r[2].clone(), fill: r[3].clone(),
+                           head: r[4].clone(), keep: ids_keep, restore, skip_first, targets });
+    }
+
+    #[test]
+    fn transformer_block_grads(seed in any::<u64>(), b in 1usize..3, t in 1usize..5, heads in 1usize..3, hd in 1usize..3) {
+        let (c, g) = block(seed, b, t, heads * hd, heads);
+        c.run(&g);
+    }
+}
+
+#[test]
+fn every_parameter_of_a_block_gets_a_nonzero_gradient() {
+    let (c, g) = block(5, 2, 4, 8, 2);
+    let (grads, written) = c.grads(Cpu, &g);
+    for (e, w) in c.store.entries().iter().zip(&written) {
+        assert!(*w, "{} was never written", e.name);
+        let norm: f64 = grads[e.param.range()].iter().map(|v| v * v).sum();
+        assert!(norm > 0.0, "{} has a zero gradient", e.name);
+    }
+}
+
+#[test]
+fn frozen_parameters_get_no_gradient_and_record_nothing() {
+    let (mut c, r) = Check::new(&[("w", vec![3, 4]), ("b", vec![3])], 1);
+    c.store.set_trainable("w", false);
+    c.store.set_trainable("b", false);
+    struct G(ParamRef, ParamRef);
+    impl Graph for G {
+        fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+            let x = e.constant(&[0.5; 8], &[2, 4])?;
+            let y = e.linear(&x, &self.0, Some(&self.1), Activation::Gelu)?;
+            probe(e, &y, 1)
+        }
+    }
+    let mut t = Tape::new(Cpu, &c.store);
+    let l = G(r[0].clone(), r[1].clone()).build(&mut t).unwrap();
+    assert!(t.is_empty(), "nothing trainable: nothing recorded");
+    let g = t.backward(&l).unwrap();
+    assert!(g.written().iter().all(|w| !w));
+    // Only the bias trainable: the input is not kept, the bias gradient is right.
+    c.store.set_trainable("b", true);
+    c.run(&G(r[0].clone(), r[1].clone()));
+}
+
+#[test]
+fn gradient_accumulation_over_micro_batches_adds_up() {
+    let (c, g) = block(11, 1, 3, 4, 2);
+    let (one, _) = c.grads(Cpu, &g);
+    let mut grads = sg_autograd::Grads::new(&Cpu, &c.store);
+    for _ in 0..2 {
+        let mut t = Tape::new(Cpu, &c.store);
+        let l = g.build(&mut t).unwrap();
+        t.backward_into(&l, &mut grads).unwrap();
+    }
+    let two = Cpu.download(&grads.buf);
+    for (a, b) in one.iter().zip(&two) {
+        assert!((2.0 * a - b).abs() <= 1e-5 * a.abs().max(1.0));
+    }
+    // After a restart the next backward overwrites: no zeroing pass, no stale sums.
+    grads.restart();
+    let mut t = Tape::new(Cpu, &c.store);
+    let l = g.build(&mut t).unwrap();
+    t.backward_into(&l, &mut grads).unwrap();
+    assert_eq!(Cpu.download(&grads.buf), one);
+}
+
+#[test]
+fn bad_graphs_are_errors() {
+    let (c, r) = Check::new(&[("w", vec![3, 4])], 1);
+    let mut t = Tape::new(Cpu, &c.store);
+    let x = t.constant(&[0.0; 10], &[2, 5]).unwrap();
+    let e = t.linear(&x, &r[0], None, Activation::Identity).unwrap_err();
+    assert!(e.to_string().contains("[2, 5]") && e.to_string().contains("[3, 4]"), "{e}");
+    assert!(t.constant(&[0.0; 3], &[2, 2]).is_err());
+    let w = t.param(&r[0]).unwrap();
+    // Backward must start from a loss.
+    let t2 = Tape::new(Cpu, &c.store);
+    assert!(t2.backward(&w).is_err());
+}

@@ -1,0 +1,528 @@
+//! The CPU backend: f32 buffers and the SIMD kernels of [`crate::kernels`].
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::{split_two, Backend, Grad, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut};
+use crate::error::{check_len, Result, TensorError};
+use crate::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
+use crate::kernels::gemm::{gemm, Trans};
+use crate::kernels::linear::{self, Activation};
+use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, Dst};
+
+/// f32 on the CPU, through the run-time dispatched SIMD kernels.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+type Buf = Arc<Vec<f32>>;
+
+fn sl<'a>(s: &'a Slice<Cpu>) -> &'a [f32] {
+    &s.buf[s.range.clone()]
+}
+
+fn sl_mut<'a>(s: &'a mut SliceMut<Cpu>) -> &'a mut [f32] {
+    &mut Arc::make_mut(s.buf)[s.range.clone()]
+}
+
+/// The slot's buffer to write `n` values into, and whether to overwrite (fresh) or add.
+fn slot<'a>(op: &'static str, g: &'a mut Grad<Cpu>, n: usize) -> Result<(&'a mut [f32], Dst)> {
+    match g {
+        Some(b) => {
+            check_len(op, "gradient", b.len(), n)?;
+            Ok((Arc::make_mut(b).as_mut_slice(), Dst::Accumulate))
+        }
+        None => {
+            let b = g.insert(Arc::new(vec![0.0; n]));
+            Ok((Arc::get_mut(b).expect("fresh buffer is unique").as_mut_slice(), Dst::Overwrite))
+        }
+    }
+}
+
+/// A parameter-gradient range about to be accumulated into by a kernel: zeroed on its first write.
+fn zero_if_first(s: Option<&mut [f32]>, mode: Option<Dst>) -> Option<&mut [f32]> {
+    let s = s?;
+    if mode == Some(Dst::Overwrite) {
+        s.fill(0.0);
+    }
+    Some(s)
+}
+
+fn put(dst: &mut [f32], i: usize, v: f32, mode: Dst) {
+    match mode {
+        Dst::Overwrite => dst[i] = v,
+        Dst::Accumulate => dst[i] += v,
+    }
+}
+
+fn qkv_rows(qkv: &[f32], w: usize) -> (Rows<'_>, Rows<'_>, Rows<'_>) {
+    let ld = 3 * w;
+    let (q, k, v) = if qkv.is_empty() { (qkv, qkv, qkv) } else { (qkv, &qkv[w..], &qkv[2 * w..]) };
+    (Rows { data: q, ld }, Rows { data: k, ld }, Rows { data: v, ld })
+}
+
+impl Backend for Cpu {
+    type Buf = Buf;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, x: &[f32]) -> Buf {
+        Arc::new(x.to_vec())
+    }
+
+    fn upload_params(&self, store: &crate::params::ParamStore) -> Buf {
+        store.shared().clone()
+    }
+
+    fn download(&self, b: &Buf) -> Vec<f64> {
+        b.iter().map(|&v| v as f64).collect()
+    }
+
+    fn zeros(&self, n: usize) -> Buf {
+        Arc::new(vec![0.0; n])
+    }
+
+    fn scalar(&self, v: f64) -> Buf {
+        Arc::new(vec![v as f32])
+    }
+
+    fn buf_len(&self, b: &Buf) -> usize {
+        b.len()
+    }
+
+    fn copy_range(&self, b: &Buf, r: Range<usize>) -> Buf {
+        Arc::new(b[r].to_vec())
+    }
+
+    fn accumulate(&self, mut dst: SliceMut<Self>, src: &Buf) -> Result<()> {
+        let mode = dst.dst;
+        let d = sl_mut(&mut dst);
+        check_len("accumulate", "src", src.len(), d.len())?;
+        match mode {
+            Dst::Overwrite => d.copy_from_slice(src),
+            Dst::Accumulate => elementwise::add_assign(d, src)?,
+        }
+        Ok(())
+    }
+
+    fn accumulate_grad(&self, g: &mut Grad<Self>, src: &Buf) -> Result<()> {
+        match g {
+            None => *g = Some(src.clone()),
+            Some(b) => {
+                check_len("accumulate_grad", "src", src.len(), b.len())?;
+                elementwise::add_assign(Arc::make_mut(b).as_mut_slice(), src)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn all_finite(&self, b: &Buf) -> bool {
+        reduce::all_finite(b)
+    }
+
+    fn linear(
+        &self,
+        x: &Buf,
+        w: Slice<Self>,
+        b: Option<Slice<Self>>,
+        m: usize,
+        k: usize,
+        n: usize,
+        act: Activation,
+        keep: bool,
+    ) -> Result<(Buf, Option<Buf>)> {
+        let mut y = vec![0.0; m * n];
+        let bias = b.as_ref().map(sl);
+        if keep && act == Activation::Gelu {
+            let mut pre = vec![0.0; m * n];
+            linear::forward(x, sl(&w), bias, m, k, n, act, Some(&mut pre), &mut y)?;
+            Ok((Arc::new(y), Some(Arc::new(pre))))
+        } else {
+            linear::forward(x, sl(&w), bias, m, k, n, act, None, &mut y)?;
+            Ok((Arc::new(y), None))
+        }
+    }
+
+    fn linear_backward(
+        &self,
+        x: Option<&Buf>,
+        w: Slice<Self>,
+        pre: Option<&Buf>,
+        dy: &Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()> {
+        let op = "linear_backward";
+        check_len(op, "dy", dy.len(), m * n)?;
+        let dpre_buf;
+        let dpre: &[f32] = match pre {
+            Some(p) => {
+                let mut t = vec![0.0; m * n];
+                gelu::backward(p, dy, &mut t, Dst::Overwrite)?;
+                dpre_buf = t;
+                &dpre_buf
+            }
+            None => dy,
+        };
+        if let Some(g) = dx {
+            let (d, mode) = slot(op, g, m * k)?;
+            let beta = if mode == Dst::Accumulate { 1.0 } else { 0.0 };
+            gemm(Trans::N, Trans::N, m, k, n, 1.0, dpre, n, sl(&w), k, beta, d, k)?;
+        }
+        if let Some(pg) = pg {
+            let (wm, bm) = (pg.w.as_ref().map(|w| w.1), pg.b.as_ref().map(|b| b.1));
+            let buf = Arc::make_mut(pg.buf).as_mut_slice();
+            let (dw, db) = split_two(buf, pg.w.map(|w| w.0), pg.b.map(|b| b.0));
+            if let (Some(dw), Some(mode)) = (dw, wm) {
+                let x = x.ok_or_else(|| TensorError::Arg { op, msg: "the weight gradient needs the input".into() })?;
+                check_len(op, "x", x.len(), m * k)?;
+                let beta = if mode == Dst::Accumulate { 1.0 } else { 0.0 };
+                gemm(Trans::T, Trans::N, n, k, m, 1.0, dpre, n, x, k, beta, dw, k)?;
+            }
+            if let (Some(db), Some(mode)) = (db, bm) {
+                reduce::col_sum(dpre, m, n, db, mode)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn layernorm(
+        &self,
+        x: &Buf,
+        w: Slice<Self>,
+        b: Slice<Self>,
+        rows: usize,
+        eps: f32,
+        keep: bool,
+    ) -> Result<(Buf, Option<(Buf, Buf)>)> {
+        let mut y = vec![0.0; x.len()];
+        if keep {
+            let (mut mean, mut rstd) = (vec![0.0; rows], vec![0.0; rows]);
+            layernorm::forward(x, sl(&w), sl(&b), rows, eps, &mut y, Some((&mut mean, &mut rstd)))?;
+            Ok((Arc::new(y), Some((Arc::new(mean), Arc::new(rstd)))))
+        } else {
+            layernorm::forward(x, sl(&w), sl(&b), rows, eps, &mut y, None)?;
+            Ok((Arc::new(y), None))
+        }
+    }
+
+    fn layernorm_backward(
+        &self,
+        x: &Buf,
+        w: Slice<Self>,
+        mean: &Buf,
+        rstd: &Buf,
+        dy: &Buf,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()> {
+        let dim = w.range.len();
+        // The kernel accumulates dgamma and dbeta; frozen ones go to scratch, and a first write of
+        // the step starts from zero (two vectors of `dim`: no real cost).
+        let (mut sg, mut sb) = (vec![0.0; dim], vec![0.0; dim]);
+        let (pbuf, wr, br) = match pg {
+            Some(pg) => (Some(Arc::make_mut(pg.buf).as_mut_slice()), pg.w, pg.b),
+            None => (None, None, None),
+        };
+        let (dw, db) = match pbuf {
+            Some(buf) => split_two(buf, wr.clone().map(|w| w.0), br.clone().map(|b| b.0)),
+            None => (None, None),
+        };
+        let dg = zero_if_first(dw, wr.map(|w| w.1)).unwrap_or(&mut sg);
+        let dbs = zero_if_first(db, br.map(|b| b.1)).unwrap_or(&mut sb);
+        // Without an input gradient (a LayerNorm straight on a constant), dx goes to scratch.
+        let mut tmp;
+        let (dxs, mode) = match dx {
+            Some(g) => slot("layernorm_backward", g, x.len())?,
+            None => {
+                tmp = vec![0.0; x.len()];
+                (&mut tmp[..], Dst::Overwrite)
+            }
+        };
+        layernorm::backward(x, sl(&w), mean, rstd, dy, dxs, mode, dg, dbs)
+    }
+
+    fn attention(&self, qkv: &Buf, s: AttnShape, keep: bool) -> Result<(Buf, Option<Buf>)> {
+        let w = s.heads * s.head_dim;
+        check_len("attention", "qkv", qkv.len(), s.batch * s.seq * 3 * w)?;
+        let (q, k, v) = qkv_rows(qkv, w);
+        let mut o = vec![0.0; s.batch * s.seq * w];
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        if keep {
+            let mut lse = vec![0.0; s.batch * s.heads * s.seq];
+            attention::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, Some(&mut lse))?;
+            Ok((Arc::new(o), Some(Arc::new(lse))))
+        } else {
+            attention::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, None)?;
+            Ok((Arc::new(o), None))
+        }
+    }
+
+    fn attention_backward(
+        &self,
+        qkv: &Buf,
+        out: &Buf,
+        lse: &Buf,
+        dout: &Buf,
+        s: AttnShape,
+        dqkv: &mut Grad<Self>,
+    ) -> Result<()> {
+        let w = s.heads * s.head_dim;
+        let (q, k, v) = qkv_rows(qkv, w);
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let o = Rows { data: out, ld: w };
+        let d = Rows { data: dout, ld: w };
+        match dqkv {
+            None => {
+                let mut g = vec![0.0; qkv.len()];
+                attention::backward(s, q, k, v, o, d, lse, scale, QkvGrad::Packed(&mut g))?;
+                *dqkv = Some(Arc::new(g));
+            }
+            Some(existing) => {
+                // The kernel overwrites; a second contributor is rare (qkv feeds only attention).
+                let mut g = vec![0.0; qkv.len()];
+                attention::backward(s, q, k, v, o, d, lse, scale, QkvGrad::Packed(&mut g))?;
+                elementwise::add_assign(Arc::make_mut(existing).as_mut_slice(), &g)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {
+        let mut y = vec![0.0; a.len()];
+        elementwise::add(a, b, &mut y, Dst::Overwrite)?;
+        Ok(Arc::new(y))
+    }
+
+    fn add_rows(&self, x: &Buf, rows: &Buf, dim: usize) -> Result<Buf> {
+        let op = "add_rows";
+        if dim == 0 || rows.len() % dim != 0 || rows.is_empty() || x.len() % rows.len() != 0 {
+            return Err(TensorError::Shape {
+                op,
+                msg: format!("{} values cannot repeat {} rows of {dim}", x.len(), rows.len() / dim.max(1)),
+            });
+        }
+        let mut y = x.to_vec();
+        for chunk in y.chunks_exact_mut(rows.len()) {
+            elementwise::add_assign(chunk, rows)?;
+        }
+        Ok(Arc::new(y))
+    }
+
+    fn add_rows_backward(&self, dy: &Buf, rows_count: usize, dim: usize, drows: &mut Grad<Self>) -> Result<()> {
+        let n = rows_count * dim;
+        if n == 0 || dy.len() % n != 0 {
+            return Err(TensorError::Shape {
+                op: "add_rows_backward",
+                msg: format!("{} values, rows of {n}", dy.len()),
+            });
+        }
+        let (d, mode) = slot("add_rows_backward", drows, n)?;
+        reduce::col_sum(dy, dy.len() / n, n, d, mode)
+    }
+
+    fn outer_add(&self, a: &Buf, b: &Buf, dim: usize) -> Result<Buf> {
+        if dim == 0 || a.len() % dim != 0 || b.len() % dim != 0 {
+            return Err(TensorError::Shape {
+                op: "outer_add",
+                msg: format!("rows of {dim}: {} and {}", a.len(), b.len()),
+            });
+        }
+        let mut y = Vec::with_capacity(a.len() * (b.len() / dim));
+        for brow in b.chunks_exact(dim) {
+            y.extend_from_slice(a);
+            let start = y.len() - a.len();
+            elementwise::add_row_broadcast(&mut y[start..], brow)?;
+        }
+        Ok(Arc::new(y))
+    }
+
+    fn outer_add_backward(
+        &self,
+        dy: &Buf,
+        s: usize,
+        dim: usize,
+        da: Option<&mut Grad<Self>>,
+        db: Option<&mut Grad<Self>>,
+    ) -> Result<()> {
+        let g = dy.len() / (s * dim).max(1);
+        if s * dim == 0 || dy.len() != g * s * dim {
+            return Err(TensorError::Shape { op: "outer_add_backward", msg: format!("{} values", dy.len()) });
+        }
+        if let Some(da) = da {
+            let (d, mode) = slot("outer_add_backward", da, s * dim)?;
+            reduce::col_sum(dy, g, s * dim, d, mode)?;
+        }
+        if let Some(db) = db {
+            let (d, mode) = slot("outer_add_backward", db, g * dim)?;
+            for gi in 0..g {
+                let mut acc = vec![0.0; dim];
+                reduce::col_sum(&dy[gi * s * dim..(gi + 1) * s * dim], s, dim, &mut acc, Dst::Overwrite)?;
+                for (j, &a) in acc.iter().enumerate() {
+                    put(d, gi * dim + j, a, mode);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &Buf, batch: usize, len: usize, dim: usize, ids: &[usize]) -> Result<Buf> {
+        let mut y = vec![0.0; ids.len() * dim];
+        gather::gather_rows(x, batch, len, dim, ids, &mut y)?;
+        Ok(Arc::new(y))
+    }
+
+    fn gather_rows_backward(
+        &self,
+        dy: &Buf,
+        batch: usize,
+        len: usize,
+        dim: usize,
+        ids: &[usize],
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        // Scatter-add needs a zeroed target when fresh: rows not gathered get no gradient.
+        let (d, _) = slot("gather_rows_backward", dx, batch * len * dim)?;
+        gather::scatter_add_rows(dy, batch, len, dim, ids, d)
+    }
+
+    fn unshuffle(&self, x: &Buf, fill: &Buf, batch: usize, kept: usize, dim: usize, restore: &[usize]) -> Result<Buf> {
+        let op = "unshuffle";
+        let len = restore.len() / batch.max(1);
+        check_len(op, "x", x.len(), batch * kept * dim)?;
+        check_len(op, "fill", fill.len(), dim)?;
+        check_len(op, "restore", restore.len(), batch * len)?;
+        let mut y = vec![0.0; batch * len * dim];
+        for n in 0..batch {
+            for l in 0..len {
+                let r = restore[n * len + l];
+                let src = if r < kept {
+                    &x[(n * kept + r) * dim..(n * kept + r + 1) * dim]
+                } else if r < len {
+                    &fill[..]
+                } else {
+                    return Err(TensorError::Index { op, index: r, len });
+                };
+                y[(n * len + l) * dim..(n * len + l + 1) * dim].copy_from_slice(src);
+            }
+        }
+        Ok(Arc::new(y))
+    }
+
+    fn unshuffle_backward(
+        &self,
+        dy: &Buf,
+        batch: usize,
+        kept: usize,
+        dim: usize,
+        restore: &[usize],
+        dx: Option<&mut Grad<Self>>,
+        dfill: Option<&mut Grad<Self>>,
+    ) -> Result<()> {
+        let len = restore.len() / batch.max(1);
+        if let Some(dx) = dx {
+            let (d, mode) = slot("unshuffle_backward", dx, batch * kept * dim)?;
+            for n in 0..batch {
+                for l in 0..len {
+                    let r = restore[n * len + l];
+                    if r < kept {
+                        for j in 0..dim {
+                            put(d, (n * kept + r) * dim + j, dy[(n * len + l) * dim + j], mode);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(df) = dfill {
+            let (d, mode) = slot("unshuffle_backward", df, dim)?;
+            let mut acc = vec![0f64; dim];
+            for n in 0..batch {
+                for l in 0..len {
+                    if restore[n * len + l] >= kept {
+                        for (a, &v) in acc.iter_mut().zip(&dy[(n * len + l) * dim..(n * len + l + 1) * dim]) {
+                            *a += v as f64;
+                        }
+                    }
+                }
+            }
+            for (j, &a) in acc.iter().enumerate() {
+                put(d, j, a as f32, mode);
+            }
+        }
+        Ok(())
+    }
+
+    fn mean_tokens(&self, x: &Buf, batch: usize, len: usize, dim: usize, skip_first: bool) -> Result<Buf> {
+        check_len("mean_tokens", "x", x.len(), batch * len * dim)?;
+        let first = usize::from(skip_first);
+        if len <= first {
+            return Err(TensorError::Shape { op: "mean_tokens", msg: format!("no tokens to pool among {len}") });
+        }
+        let mut y = vec![0.0; batch * dim];
+        for n in 0..batch {
+            let rows = &x[(n * len + first) * dim..(n + 1) * len * dim];
+            reduce::col_sum(rows, len - first, dim, &mut y[n * dim..(n + 1) * dim], Dst::Overwrite)?;
+        }
+        elementwise::scale(&mut y, 1.0 / (len - first) as f32);
+        Ok(Arc::new(y))
+    }
+
+    fn mean_tokens_backward(
+        &self,
+        dy: &Buf,
+        batch: usize,
+        len: usize,
+        dim: usize,
+        skip_first: bool,
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let first = usize::from(skip_first);
+        let inv = 1.0 / (len - first) as f32;
+        let (d, mode) = slot("mean_tokens_backward", dx, batch * len * dim)?;
+        for n in 0..batch {
+            for l in first..len {
+                for j in 0..dim {
+                    put(d, (n * len + l) * dim + j, dy[n * dim + j] * inv, mode);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mae_loss(&self, pred: &Buf, target: &Buf, mask: &[f32], d: MaeLossDims) -> Result<MaeLoss> {
+        super::mae_loss_generic(pred, target, mask, d)
+    }
+
+    fn mae_loss_backward(
+        &self,
+        pred: &Buf,
+        target: &Buf,
+        mask: &[f32],
+        d: MaeLossDims,
+        scale: f64,
+        dpred: &mut Grad<Self>,
+    ) -> Result<()> {
+        let (g, mode) = slot("mae_loss_backward", dpred, pred.len())?;
+        super::mae_loss_backward_generic(pred, target, mask, d, scale, |i, v| put(g, i, v as f32, mode))
+    }
+
+    fn cross_entropy(&self, logits: &Buf, targets: &[f32], classes: usize) -> Result<f64> {
+        super::cross_entropy_generic(logits, targets, classes)
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        logits: &Buf,
+        targets: &[f32],
+        classes: usize,
+        scale: f64,
+        dlogits: &mut Grad<Self>,
+    ) -> Result<()> {
+        let (g, mode) = slot("cross_entropy_backward", dlogits, logits.len())?;
+        super::cross_entropy_backward_generic(logits, targets, classes, scale, |i, v| put(g, i, v as f32, mode))
+    }
+}

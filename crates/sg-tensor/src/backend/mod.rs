@@ -1,0 +1,403 @@
+//! Backends: where buffers live and which kernels run on them. Model code never names a backend;
+//! it calls [`crate::exec::Exec`] ops, which an executor (inference [`crate::exec::Eval`], or the
+//! training tape of `sg-autograd`) carries out on a backend:
+//!
+//! - [`Cpu`]: f32 buffers and the SIMD kernels of [`crate::kernels`] — the real thing;
+//! - [`CpuF64`]: f64 buffers and plain loops — slow and exact, so gradient checks by finite
+//!   differences of the real tape code are meaningful;
+//! - `sg-cuda` (later): device buffers.
+//!
+//! Operands that are parameters are ranges of one flat parameter buffer ([`Slice`]); parameter
+//! gradients accumulate into ranges of one flat gradient buffer ([`SliceMut`]).
+
+mod cpu;
+mod f64ref;
+
+pub use cpu::Cpu;
+pub use f64ref::CpuF64;
+
+use std::ops::Range;
+
+use crate::error::Result;
+use crate::kernels::attention::AttnShape;
+use crate::kernels::linear::Activation;
+use crate::kernels::Dst;
+
+/// A read-only range of a buffer (a parameter inside the flat parameter buffer).
+pub struct Slice<'a, B: Backend> {
+    pub buf: &'a B::Buf,
+    pub range: Range<usize>,
+}
+
+impl<B: Backend> Clone for Slice<'_, B> {
+    fn clone(&self) -> Self {
+        Slice { buf: self.buf, range: self.range.clone() }
+    }
+}
+
+/// A writable range of a buffer (a parameter's gradient inside the flat gradient buffer), and
+/// whether this write is the first of the step (`Overwrite`) or adds to earlier ones.
+pub struct SliceMut<'a, B: Backend> {
+    pub buf: &'a mut B::Buf,
+    pub range: Range<usize>,
+    pub dst: Dst,
+}
+
+/// Where a backward writes a layer's weight and bias gradients: two disjoint ranges of the flat
+/// gradient buffer, each with its write mode; `None` for a frozen parameter.
+pub struct ParamGrads<'a, B: Backend> {
+    pub buf: &'a mut B::Buf,
+    pub w: Option<(Range<usize>, Dst)>,
+    pub b: Option<(Range<usize>, Dst)>,
+}
+
+/// The gradient of an intermediate value: empty until its first contributor writes it (overwriting,
+/// into a fresh buffer); later contributors accumulate. Never zeros-then-add.
+pub type Grad<B> = Option<<B as Backend>::Buf>;
+
+/// Two disjoint mutable ranges of one slice (either may be absent).
+pub(crate) fn split_two<T>(
+    buf: &mut [T],
+    a: Option<Range<usize>>,
+    b: Option<Range<usize>>,
+) -> (Option<&mut [T]>, Option<&mut [T]>) {
+    match (a, b) {
+        (None, None) => (None, None),
+        (Some(a), None) => (Some(&mut buf[a]), None),
+        (None, Some(b)) => (None, Some(&mut buf[b])),
+        (Some(a), Some(b)) => {
+            assert!(a.end <= b.start || b.end <= a.start, "weight and bias gradient ranges overlap");
+            if a.start < b.start {
+                let (lo, hi) = buf.split_at_mut(b.start);
+                (Some(&mut lo[a]), Some(&mut hi[..b.end - b.start]))
+            } else {
+                let (lo, hi) = buf.split_at_mut(a.start);
+                (Some(&mut hi[..a.end - a.start]), Some(&mut lo[b]))
+            }
+        }
+    }
+}
+
+/// Dimensions of the MAE reconstruction loss: `batch` images of `groups` spectral groups of
+/// `spatial` tokens, each token `feat` values (`u * p * p`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaeLossDims {
+    pub batch: usize,
+    pub groups: usize,
+    pub spatial: usize,
+    pub feat: usize,
+}
+
+/// Values of the MAE loss: `loss = loss1 + loss3`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MaeLoss {
+    pub loss: f64,
+    pub loss1: f64,
+    pub loss3: f64,
+}
+
+/// Buffers and the coarse kernels that the ops of [`crate::exec::Exec`] need, forward and backward.
+/// Forward kernels return fresh buffers, plus what their backward needs when `keep` is true.
+/// Backward kernels write gradients into [`Grad`] slots (first write overwrites, later ones add)
+/// and parameter gradients into [`SliceMut`] ranges.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// A shared, cheaply cloned buffer; writers get unique access through `&mut`.
+    type Buf: Clone + Send + Sync + std::fmt::Debug;
+
+    fn name(&self) -> &'static str;
+    fn upload(&self, x: &[f32]) -> Self::Buf;
+    /// The parameters of `store` as one buffer (the CPU backend shares the store's storage).
+    fn upload_params(&self, store: &crate::params::ParamStore) -> Self::Buf {
+        self.upload(store.data())
+    }
+    /// The values, widened to f64 (exact for both CPU backends).
+    fn download(&self, b: &Self::Buf) -> Vec<f64>;
+    fn zeros(&self, n: usize) -> Self::Buf;
+    /// A one-element buffer (a loss), in the backend's precision.
+    fn scalar(&self, v: f64) -> Self::Buf;
+    fn buf_len(&self, b: &Self::Buf) -> usize;
+    /// A copy of a range.
+    fn copy_range(&self, b: &Self::Buf, r: Range<usize>) -> Self::Buf;
+    /// `dst[range] (=|+=) src`.
+    fn accumulate(&self, dst: SliceMut<Self>, src: &Self::Buf) -> Result<()>;
+    /// `slot (=|+=) src`; a fresh slot shares `src`'s storage instead of copying it.
+    fn accumulate_grad(&self, slot: &mut Grad<Self>, src: &Self::Buf) -> Result<()>;
+    /// True when every element is finite.
+    fn all_finite(&self, b: &Self::Buf) -> bool;
+
+    /// `y = act(x W^T + b)` for `x (m, k)`, `W (n, k)`; with `keep` and GELU, also the pre-activation.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: Slice<Self>,
+        b: Option<Slice<Self>>,
+        m: usize,
+        k: usize,
+        n: usize,
+        act: Activation,
+        keep: bool,
+    ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+    /// Backward of [`Backend::linear`] with `dpre = dy * act'(pre)`: `dx = dpre W`, `dw = dpre^T x`
+    /// (`x` is needed only for it), `db = colsum dpre`.
+    fn linear_backward(
+        &self,
+        x: Option<&Self::Buf>,
+        w: Slice<Self>,
+        pre: Option<&Self::Buf>,
+        dy: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()>;
+
+    /// LayerNorm over rows of `w.len()`; with `keep`, also each row's mean and 1/std.
+    fn layernorm(
+        &self,
+        x: &Self::Buf,
+        w: Slice<Self>,
+        b: Slice<Self>,
+        rows: usize,
+        eps: f32,
+        keep: bool,
+    ) -> Result<(Self::Buf, Option<(Self::Buf, Self::Buf)>)>;
+    fn layernorm_backward(
+        &self,
+        x: &Self::Buf,
+        w: Slice<Self>,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        dy: &Self::Buf,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()>;
+
+    /// Attention over a packed `(batch * seq, 3 * heads * head_dim)` QKV buffer; output
+    /// `(batch * seq, heads * head_dim)`; with `keep`, the log-sum-exp rows.
+    fn attention(&self, qkv: &Self::Buf, s: AttnShape, keep: bool) -> Result<(Self::Buf, Option<Self::Buf>)>;
+    /// The gradient of the packed QKV buffer.
+    fn attention_backward(
+        &self,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        s: AttnShape,
+        dqkv: &mut Grad<Self>,
+    ) -> Result<()>;
+
+    /// `a + b` (equal lengths).
+    fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// `x[i, :] + rows[i % rows_count, :]`: `rows` (`rows_count x dim`) repeats over the leading axis.
+    fn add_rows(&self, x: &Self::Buf, rows: &Self::Buf, dim: usize) -> Result<Self::Buf>;
+    /// `drows (=|+=) sum over repeats of dy`, with `rows_count` rows.
+    fn add_rows_backward(&self, dy: &Self::Buf, rows_count: usize, dim: usize, drows: &mut Grad<Self>) -> Result<()>;
+    /// `out[g * s + i, :] = a[i, :] + b[g, :]` for `a (s, dim)`, `b (g, dim)` (separate position
+    /// embeddings joined).
+    fn outer_add(&self, a: &Self::Buf, b: &Self::Buf, dim: usize) -> Result<Self::Buf>;
+    fn outer_add_backward(
+        &self,
+        dy: &Self::Buf,
+        s: usize,
+        dim: usize,
+        da: Option<&mut Grad<Self>>,
+        db: Option<&mut Grad<Self>>,
+    ) -> Result<()>;
+
+    /// `out[n, i, :] = x[n, ids[n * count + i], :]` for `x (batch, len, dim)`.
+    fn gather_rows(&self, x: &Self::Buf, batch: usize, len: usize, dim: usize, ids: &[usize]) -> Result<Self::Buf>;
+    /// `dx[n, ids[n, i], :] += dy[n, i, :]`.
+    fn gather_rows_backward(
+        &self,
+        dy: &Self::Buf,
+        batch: usize,
+        len: usize,
+        dim: usize,
+        ids: &[usize],
+        dx: &mut Grad<Self>,
+    ) -> Result<()>;
+    /// The decoder's unshuffle: `out[n, l, :] = x[n, r, :]` if `r = restore[n * len + l] < kept`, else
+    /// `fill`; `x (batch, kept, dim)`, `fill (dim)`.
+    fn unshuffle(
+        &self,
+        x: &Self::Buf,
+        fill: &Self::Buf,
+        batch: usize,
+        kept: usize,
+        dim: usize,
+        restore: &[usize],
+    ) -> Result<Self::Buf>;
+    fn unshuffle_backward(
+        &self,
+        dy: &Self::Buf,
+        batch: usize,
+        kept: usize,
+        dim: usize,
+        restore: &[usize],
+        dx: Option<&mut Grad<Self>>,
+        dfill: Option<&mut Grad<Self>>,
+    ) -> Result<()>;
+
+    /// Mean over the token axis of `(batch, len, dim)`, skipping token 0 when `skip_first`.
+    fn mean_tokens(&self, x: &Self::Buf, batch: usize, len: usize, dim: usize, skip_first: bool) -> Result<Self::Buf>;
+    fn mean_tokens_backward(
+        &self,
+        dy: &Self::Buf,
+        batch: usize,
+        len: usize,
+        dim: usize,
+        skip_first: bool,
+        dx: &mut Grad<Self>,
+    ) -> Result<()>;
+
+    /// SpectralGPT's reconstruction loss (`loss1 + loss3`, see `MaeLossDims`).
+    fn mae_loss(&self, pred: &Self::Buf, target: &Self::Buf, mask: &[f32], d: MaeLossDims) -> Result<MaeLoss>;
+    /// `dpred (=|+=) scale * d loss / d pred`.
+    fn mae_loss_backward(
+        &self,
+        pred: &Self::Buf,
+        target: &Self::Buf,
+        mask: &[f32],
+        d: MaeLossDims,
+        scale: f64,
+        dpred: &mut Grad<Self>,
+    ) -> Result<()>;
+
+    /// Mean cross-entropy of `logits (batch, classes)` against target distributions `targets`
+    /// (one-hot, smoothed or mixed); returns the loss.
+    fn cross_entropy(&self, logits: &Self::Buf, targets: &[f32], classes: usize) -> Result<f64>;
+    fn cross_entropy_backward(
+        &self,
+        logits: &Self::Buf,
+        targets: &[f32],
+        classes: usize,
+        scale: f64,
+        dlogits: &mut Grad<Self>,
+    ) -> Result<()>;
+}
+
+fn check_mae(pred: usize, target: usize, mask: usize, d: MaeLossDims) -> Result<()> {
+    let op = "mae_loss";
+    let tokens = d.batch * d.groups * d.spatial;
+    crate::error::check_len(op, "pred", pred, tokens * d.feat)?;
+    crate::error::check_len(op, "target", target, tokens * d.feat)?;
+    crate::error::check_len(op, "mask", mask, tokens)
+}
+
+/// SpectralGPT's loss in f64 from either precision. `loss1`: mean over features of the squared error,
+/// averaged over masked tokens (0 when nothing is masked, where the original divides 0 by 0);
+/// `loss3`: the spectral groups summed, then the mean squared error over everything.
+pub(crate) fn mae_loss_generic<T: Copy + Into<f64>>(
+    pred: &[T],
+    target: &[T],
+    mask: &[f32],
+    d: MaeLossDims,
+) -> Result<MaeLoss> {
+    check_mae(pred.len(), target.len(), mask.len(), d)?;
+    let (f, s, g) = (d.feat, d.spatial, d.groups);
+    let mut l1 = 0f64;
+    for (t, &m) in mask.iter().enumerate() {
+        if m != 0.0 {
+            let e: f64 = (0..f).map(|j| (pred[t * f + j].into() - target[t * f + j].into()).powi(2)).sum();
+            l1 += m as f64 * e / f as f64;
+        }
+    }
+    let msum: f64 = mask.iter().map(|&m| m as f64).sum();
+    let loss1 = if msum > 0.0 { l1 / msum } else { 0.0 };
+    let mut l3 = 0f64;
+    for n in 0..d.batch {
+        for si in 0..s {
+            for j in 0..f {
+                let diff: f64 = (0..g)
+                    .map(|gi| {
+                        let i = ((n * g + gi) * s + si) * f + j;
+                        pred[i].into() - target[i].into()
+                    })
+                    .sum();
+                l3 += diff * diff;
+            }
+        }
+    }
+    let loss3 = l3 / (d.batch * s * f).max(1) as f64;
+    Ok(MaeLoss { loss: loss1 + loss3, loss1, loss3 })
+}
+
+/// `put(i, scale * d loss / d pred[i])` for every element.
+pub(crate) fn mae_loss_backward_generic<T: Copy + Into<f64>>(
+    pred: &[T],
+    target: &[T],
+    mask: &[f32],
+    d: MaeLossDims,
+    scale: f64,
+    mut put: impl FnMut(usize, f64),
+) -> Result<()> {
+    check_mae(pred.len(), target.len(), mask.len(), d)?;
+    let (f, s, g) = (d.feat, d.spatial, d.groups);
+    let msum: f64 = mask.iter().map(|&m| m as f64).sum();
+    let c1 = if msum > 0.0 { 2.0 * scale / (f as f64 * msum) } else { 0.0 };
+    let c3 = 2.0 * scale / (d.batch * s * f).max(1) as f64;
+    for n in 0..d.batch {
+        for si in 0..s {
+            for j in 0..f {
+                let idx = |gi: usize| ((n * g + gi) * s + si) * f + j;
+                let diff: f64 = (0..g).map(|gi| pred[idx(gi)].into() - target[idx(gi)].into()).sum();
+                for gi in 0..g {
+                    let i = idx(gi);
+                    let m = mask[i / f] as f64;
+                    put(i, c1 * m * (pred[i].into() - target[i].into()) + c3 * diff);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_ce(logits: usize, targets: usize, classes: usize) -> Result<usize> {
+    if classes == 0 || logits % classes != 0 {
+        return Err(crate::error::TensorError::Shape {
+            op: "cross_entropy",
+            msg: format!("{logits} logits are not rows of {classes} classes"),
+        });
+    }
+    crate::error::check_len("cross_entropy", "targets", targets, logits)?;
+    Ok(logits / classes)
+}
+
+fn log_softmax_row<T: Copy + Into<f64>>(row: &[T]) -> Vec<f64> {
+    let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v.into()));
+    let z: f64 = row.iter().map(|&v| (v.into() - m).exp()).sum();
+    row.iter().map(|&v| v.into() - m - z.ln()).collect()
+}
+
+/// Mean over rows of `-sum_c t_c log softmax(z)_c`.
+pub(crate) fn cross_entropy_generic<T: Copy + Into<f64>>(logits: &[T], targets: &[f32], classes: usize) -> Result<f64> {
+    let rows = check_ce(logits.len(), targets.len(), classes)?;
+    let mut total = 0.0;
+    for (r, row) in logits.chunks_exact(classes).enumerate() {
+        let ls = log_softmax_row(row);
+        total -= ls.iter().zip(&targets[r * classes..(r + 1) * classes]).map(|(l, &t)| l * t as f64).sum::<f64>();
+    }
+    Ok(total / rows.max(1) as f64)
+}
+
+/// `put(i, scale * (softmax(z) * sum_c t_c - t) / rows)`.
+pub(crate) fn cross_entropy_backward_generic<T: Copy + Into<f64>>(
+    logits: &[T],
+    targets: &[f32],
+    classes: usize,
+    scale: f64,
+    mut put: impl FnMut(usize, f64),
+) -> Result<()> {
+    let rows = check_ce(logits.len(), targets.len(), classes)?;
+    for (r, row) in logits.chunks_exact(classes).enumerate() {
+        let ls = log_softmax_row(row);
+        let t = &targets[r * classes..(r + 1) * classes];
+        let tsum: f64 = t.iter().map(|&v| v as f64).sum();
+        for c in 0..classes {
+            put(r * classes + c, scale * (ls[c].exp() * tsum - t[c] as f64) / rows as f64);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,380 @@
+//! Executing model code. A model is written once, as a generic function over [`Exec`], in coarse
+//! ops (Linear, LayerNorm, attention, ...). [`Eval`] carries them out at once and records nothing:
+//! inference, with no tape and no saved activations. The training tape of `sg-autograd` implements
+//! the same trait, runs the same forward functions ([`fwd`]) keeping what its backward needs, and
+//! records each op.
+
+use crate::backend::{Backend, MaeLoss, MaeLossDims, Slice};
+use crate::error::{Result, TensorError};
+use crate::kernels::attention::AttnShape;
+use crate::kernels::linear::Activation;
+use crate::params::{ParamRef, ParamStore};
+
+/// Index of a recorded op's output on a tape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeId(pub usize);
+
+/// A value flowing through a model: a buffer on the executor's backend, its shape, and (on a tape)
+/// the node that produced it. Cloning shares the buffer.
+#[derive(Debug)]
+pub struct Value<B: Backend> {
+    pub buf: B::Buf,
+    pub shape: Vec<usize>,
+    /// `None` for constants and for values of an executor that records nothing.
+    pub node: Option<NodeId>,
+}
+
+impl<B: Backend> Clone for Value<B> {
+    fn clone(&self) -> Self {
+        Value { buf: self.buf.clone(), shape: self.shape.clone(), node: self.node }
+    }
+}
+
+impl<B: Backend> Value<B> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The last axis' length (the feature width of a row).
+    pub fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+}
+
+/// The ops models are written in. Shapes follow PyTorch: `(batch, tokens, features)` and so on.
+pub trait Exec {
+    type B: Backend;
+
+    fn backend(&self) -> &Self::B;
+
+    /// Input data (no gradient).
+    fn constant(&mut self, data: &[f32], shape: &[usize]) -> Result<Value<Self::B>>;
+    /// A parameter used as a value (position embeddings, the mask token).
+    fn param(&mut self, p: &ParamRef) -> Result<Value<Self::B>>;
+    /// `act(x W^T + b)` over the last axis, `W` of shape `(out, in)`.
+    fn linear(
+        &mut self,
+        x: &Value<Self::B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        act: Activation,
+    ) -> Result<Value<Self::B>>;
+    /// LayerNorm over the last axis.
+    fn layernorm(&mut self, x: &Value<Self::B>, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<Self::B>>;
+    /// Multi-head attention from a packed `(batch, seq, 3 * width)` QKV value to `(batch, seq, width)`.
+    fn attention(&mut self, qkv: &Value<Self::B>, heads: usize) -> Result<Value<Self::B>>;
+    /// `a + b`, equal shapes (residual connections).
+    fn add(&mut self, a: &Value<Self::B>, b: &Value<Self::B>) -> Result<Value<Self::B>>;
+    /// `x + rows`, where `rows` matches the trailing axes of `x` and repeats over the leading ones.
+    fn add_rows(&mut self, x: &Value<Self::B>, rows: &Value<Self::B>) -> Result<Value<Self::B>>;
+    /// `out[g * s + i] = a[i] + b[g]` for `a (s, d)`, `b (g, d)`: separate spatial and spectral position
+    /// embeddings joined into one `(g * s, d)` table.
+    fn outer_add(&mut self, a: &Value<Self::B>, b: &Value<Self::B>) -> Result<Value<Self::B>>;
+    /// Rows `ids` (`batch x count`, per batch) of `x (batch, len, d)`: `(batch, count, d)`.
+    fn gather_rows(&mut self, x: &Value<Self::B>, ids: &[usize]) -> Result<Value<Self::B>>;
+    /// The MAE decoder's unshuffle: `(batch, kept, d)` and a `d`-wide fill row to `(batch, len, d)` in
+    /// the original token order, with `restore` (`batch x len`) naming each token's source row (`>= kept`:
+    /// the fill row).
+    fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
+    /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
+    fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
+    /// The same data with another shape of equal size.
+    fn reshape(&mut self, x: &Value<Self::B>, shape: &[usize]) -> Result<Value<Self::B>>;
+    /// SpectralGPT's loss of `pred (batch, groups * s, f)` against `target` with `mask` (1 = masked).
+    fn mae_loss(
+        &mut self,
+        pred: &Value<Self::B>,
+        target: &Value<Self::B>,
+        mask: &[f32],
+        groups: usize,
+    ) -> Result<(Value<Self::B>, MaeLoss)>;
+    /// Mean cross-entropy of `logits (batch, classes)` against target distributions (`batch x classes`).
+    fn cross_entropy(&mut self, logits: &Value<Self::B>, targets: &[f32]) -> Result<(Value<Self::B>, f64)>;
+
+    /// The values, widened to f64.
+    fn read(&self, v: &Value<Self::B>) -> Vec<f64> {
+        self.backend().download(&v.buf)
+    }
+}
+
+/// Forward halves of the ops, shared by every executor: shape checks, then the backend's kernel.
+/// With `keep`, they also return what the backward needs.
+pub mod fwd {
+    use super::*;
+
+    fn slice<'a, B: Backend>(params: &'a B::Buf, p: &ParamRef) -> Slice<'a, B> {
+        Slice { buf: params, range: p.range() }
+    }
+
+    fn shape_err<T>(op: &'static str, msg: String) -> Result<T> {
+        Err(TensorError::Shape { op, msg })
+    }
+
+    /// Rows and width of a value seen as a matrix over its last axis.
+    pub fn rows_cols<B: Backend>(x: &Value<B>) -> (usize, usize) {
+        let c = x.last_dim();
+        (x.numel() / c.max(1), c)
+    }
+
+    pub fn value<B: Backend>(buf: B::Buf, shape: Vec<usize>) -> Value<B> {
+        Value { buf, shape, node: None }
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn linear<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        act: Activation,
+        keep: bool,
+    ) -> Result<(Value<B>, Option<B::Buf>)> {
+        let op = "linear";
+        let (m, k) = rows_cols(x);
+        if w.shape.len() != 2 || w.shape[1] != k {
+            return shape_err(op, format!("input {:?} does not match a weight of shape {:?}", x.shape, w.shape));
+        }
+        let n = w.shape[0];
+        if let Some(b) = b {
+            if b.shape != [n] {
+                return shape_err(op, format!("bias {:?} for {n} outputs", b.shape));
+            }
+        }
+        let (y, pre) = be.linear(&x.buf, slice(params, w), b.map(|b| slice(params, b)), m, k, n, act, keep)?;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("rows_cols checked") = n;
+        Ok((value(y, shape), pre))
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub fn layernorm<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: &ParamRef,
+        eps: f32,
+        keep: bool,
+    ) -> Result<(Value<B>, Option<(B::Buf, B::Buf)>)> {
+        let (rows, d) = rows_cols(x);
+        if w.shape != [d] || b.shape != [d] {
+            return shape_err(
+                "layernorm",
+                format!("input {:?} with weight {:?}, bias {:?}", x.shape, w.shape, b.shape),
+            );
+        }
+        let (y, stats) = be.layernorm(&x.buf, slice(params, w), slice(params, b), rows, eps, keep)?;
+        Ok((value(y, x.shape.clone()), stats))
+    }
+
+    /// The attention shape of a packed `(batch, seq, 3 * width)` QKV value.
+    pub fn attn_shape<B: Backend>(qkv: &Value<B>, heads: usize) -> Result<AttnShape> {
+        let s = &qkv.shape;
+        if s.len() != 3 || heads == 0 || s[2] % (3 * heads) != 0 {
+            return shape_err("attention", format!("QKV of shape {s:?} cannot split into 3 x {heads} heads"));
+        }
+        Ok(AttnShape { batch: s[0], seq: s[1], heads, head_dim: s[2] / 3 / heads })
+    }
+
+    pub fn attention<B: Backend>(
+        be: &B,
+        qkv: &Value<B>,
+        heads: usize,
+        keep: bool,
+    ) -> Result<(Value<B>, Option<B::Buf>)> {
+        let s = attn_shape(qkv, heads)?;
+        let (o, lse) = be.attention(&qkv.buf, s, keep)?;
+        Ok((value(o, vec![s.batch, s.seq, s.heads * s.head_dim]), lse))
+    }
+
+    pub fn add<B: Backend>(be: &B, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        if a.shape != b.shape {
+            return shape_err("add", format!("{:?} + {:?}", a.shape, b.shape));
+        }
+        Ok(value(be.add(&a.buf, &b.buf)?, a.shape.clone()))
+    }
+
+    pub fn add_rows<B: Backend>(be: &B, x: &Value<B>, rows: &Value<B>) -> Result<Value<B>> {
+        let r = &rows.shape;
+        // Leading axes of size 1 on `rows` (PyTorch's (1, L, D) embeddings) broadcast too.
+        let r: Vec<usize> = r.iter().copied().skip_while(|&d| d == 1).collect();
+        if r.len() > x.shape.len() || x.shape[x.shape.len() - r.len()..] != r[..] || rows.numel() == 0 {
+            return shape_err("add_rows", format!("{:?} + {:?}", x.shape, rows.shape));
+        }
+        Ok(value(be.add_rows(&x.buf, &rows.buf, x.last_dim())?, x.shape.clone()))
+    }
+
+    pub fn outer_add<B: Backend>(be: &B, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        let (s, d) = rows_cols(a);
+        let (g, d2) = rows_cols(b);
+        if d != d2 {
+            return shape_err("outer_add", format!("{:?} and {:?}", a.shape, b.shape));
+        }
+        Ok(value(be.outer_add(&a.buf, &b.buf, d)?, vec![g * s, d]))
+    }
+
+    /// `(batch, len, d)` of a 3-d value, or an error naming the op.
+    pub fn bld<B: Backend>(op: &'static str, x: &Value<B>) -> Result<(usize, usize, usize)> {
+        match x.shape[..] {
+            [b, l, d] => Ok((b, l, d)),
+            _ => shape_err(op, format!("needs (batch, tokens, features), got {:?}", x.shape)),
+        }
+    }
+
+    pub fn gather_rows<B: Backend>(be: &B, x: &Value<B>, ids: &[usize]) -> Result<Value<B>> {
+        let (b, l, d) = bld("gather_rows", x)?;
+        if b == 0 || ids.len() % b != 0 {
+            return shape_err("gather_rows", format!("{} ids for a batch of {b}", ids.len()));
+        }
+        Ok(value(be.gather_rows(&x.buf, b, l, d, ids)?, vec![b, ids.len() / b, d]))
+    }
+
+    pub fn unshuffle<B: Backend>(be: &B, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
+        let (b, k, d) = bld("unshuffle", x)?;
+        if fill.numel() != d || b == 0 || restore.len() % b != 0 || restore.len() / b < k {
+            return shape_err(
+                "unshuffle",
+                format!("{:?} with fill {:?} and {} restore ids", x.shape, fill.shape, restore.len()),
+            );
+        }
+        Ok(value(be.unshuffle(&x.buf, &fill.buf, b, k, d, restore)?, vec![b, restore.len() / b, d]))
+    }
+
+    pub fn mean_tokens<B: Backend>(be: &B, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
+        let (b, l, d) = bld("mean_tokens", x)?;
+        Ok(value(be.mean_tokens(&x.buf, b, l, d, skip_first)?, vec![b, d]))
+    }
+
+    pub fn reshape<B: Backend>(x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {
+        let n: usize = shape.iter().product();
+        if n != x.numel() {
+            return shape_err("reshape", format!("{:?} to {shape:?}", x.shape));
+        }
+        Ok(Value { buf: x.buf.clone(), shape: shape.to_vec(), node: x.node })
+    }
+
+    pub fn mae_dims<B: Backend>(
+        pred: &Value<B>,
+        target: &Value<B>,
+        mask: &[f32],
+        groups: usize,
+    ) -> Result<MaeLossDims> {
+        let (b, l, f) = bld("mae_loss", pred)?;
+        if target.shape != pred.shape || groups == 0 || l % groups != 0 || mask.len() != b * l {
+            return shape_err(
+                "mae_loss",
+                format!(
+                    "pred {:?}, target {:?}, {} mask values, {groups} spectral groups",
+                    pred.shape,
+                    target.shape,
+                    mask.len()
+                ),
+            );
+        }
+        Ok(MaeLossDims { batch: b, groups, spatial: l / groups, feat: f })
+    }
+
+    pub fn check_targets<B: Backend>(logits: &Value<B>, targets: &[f32]) -> Result<usize> {
+        match logits.shape[..] {
+            [b, c] if targets.len() == b * c => Ok(c),
+            _ => shape_err("cross_entropy", format!("logits {:?} with {} target values", logits.shape, targets.len())),
+        }
+    }
+}
+
+/// Runs ops at once on a backend, recording nothing: inference.
+pub struct Eval<'a, B: Backend> {
+    backend: B,
+    params: B::Buf,
+    _store: std::marker::PhantomData<&'a ParamStore>,
+}
+
+impl<'a, B: Backend> Eval<'a, B> {
+    /// An executor over `store`'s parameters (on the CPU backend, used in place without a copy).
+    pub fn new(backend: B, store: &'a ParamStore) -> Self {
+        let params = backend.upload_params(store);
+        Self::with_params(backend, store, params)
+    }
+
+    /// An executor over parameter values already on the backend, laid out like `store`.
+    pub fn with_params(backend: B, _store: &'a ParamStore, params: B::Buf) -> Self {
+        Eval { backend, params, _store: std::marker::PhantomData }
+    }
+}
+
+impl<B: Backend> Exec for Eval<'_, B> {
+    type B = B;
+
+    fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn constant(&mut self, data: &[f32], shape: &[usize]) -> Result<Value<B>> {
+        let n: usize = shape.iter().product();
+        crate::error::check_len("constant", "data", data.len(), n)?;
+        Ok(fwd::value(self.backend.upload(data), shape.to_vec()))
+    }
+
+    fn param(&mut self, p: &ParamRef) -> Result<Value<B>> {
+        Ok(fwd::value(self.backend.copy_range(&self.params, p.range()), p.shape.clone()))
+    }
+
+    fn linear(&mut self, x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>, act: Activation) -> Result<Value<B>> {
+        Ok(fwd::linear(&self.backend, &self.params, x, w, b, act, false)?.0)
+    }
+
+    fn layernorm(&mut self, x: &Value<B>, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<B>> {
+        Ok(fwd::layernorm(&self.backend, &self.params, x, w, b, eps, false)?.0)
+    }
+
+    fn attention(&mut self, qkv: &Value<B>, heads: usize) -> Result<Value<B>> {
+        Ok(fwd::attention(&self.backend, qkv, heads, false)?.0)
+    }
+
+    fn add(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        fwd::add(&self.backend, a, b)
+    }
+
+    fn add_rows(&mut self, x: &Value<B>, rows: &Value<B>) -> Result<Value<B>> {
+        fwd::add_rows(&self.backend, x, rows)
+    }
+
+    fn outer_add(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        fwd::outer_add(&self.backend, a, b)
+    }
+
+    fn gather_rows(&mut self, x: &Value<B>, ids: &[usize]) -> Result<Value<B>> {
+        fwd::gather_rows(&self.backend, x, ids)
+    }
+
+    fn unshuffle(&mut self, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
+        fwd::unshuffle(&self.backend, x, fill, restore)
+    }
+
+    fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
+        fwd::mean_tokens(&self.backend, x, skip_first)
+    }
+
+    fn reshape(&mut self, x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {
+        fwd::reshape(x, shape)
+    }
+
+    fn mae_loss(
+        &mut self,
+        pred: &Value<B>,
+        target: &Value<B>,
+        mask: &[f32],
+        groups: usize,
+    ) -> Result<(Value<B>, MaeLoss)> {
+        let d = fwd::mae_dims(pred, target, mask, groups)?;
+        let l = self.backend.mae_loss(&pred.buf, &target.buf, mask, d)?;
+        Ok((fwd::value(self.backend.scalar(l.loss), vec![]), l))
+    }
+
+    fn cross_entropy(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
+        let c = fwd::check_targets(logits, targets)?;
+        let l = self.backend.cross_entropy(&logits.buf, targets, c)?;
+        Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+    }
+}
