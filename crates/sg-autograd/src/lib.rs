@@ -4,7 +4,10 @@
 //!   each coarse op (Linear, LayerNorm, attention, ...) with only the operands its backward needs,
 //!   and runs hand-written fused backwards in reverse. Model code is the same generic function for
 //!   training and inference.
+//! - [`optim`]: AdamW and SGD over the flat parameter buffer, weight-decay groups, layer-wise lr
+//!   decay, warm-up + cosine schedule, gradient clipping, optimiser state as safetensors.
 
+pub mod optim;
 mod tape;
 
 pub use tape::{Grads, Tape};

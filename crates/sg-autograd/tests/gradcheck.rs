@@ -50,7 +50,7 @@ impl Check {
             .enumerate()
             .map(|(i, (name, shape))| {
                 let n = shape.iter().product();
-                store.add(name, shape, rand_vec(seed ^ (i as u64 + 1) * 7919, n, 0.8)).unwrap()
+                store.add(name, shape, rand_vec(seed ^ ((i as u64 + 1) * 7919), n, 0.8)).unwrap()
             })
             .collect();
         (Check { store }, refs)

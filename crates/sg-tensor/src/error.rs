@@ -13,6 +13,10 @@ pub enum TensorError {
     Index { op: &'static str, index: usize, len: usize },
     /// A scalar argument outside its domain.
     Arg { op: &'static str, msg: String },
+    /// A file that could not be read or written.
+    Io { path: String, msg: String },
+    /// A file whose contents are not what they should be (corrupt, wrong names or shapes).
+    Format { path: String, msg: String },
 }
 
 impl fmt::Display for TensorError {
@@ -26,6 +30,8 @@ impl fmt::Display for TensorError {
                 write!(f, "{op}: index {index} is out of range for an axis of length {len}")
             }
             TensorError::Arg { op, msg } => write!(f, "{op}: {msg}"),
+            TensorError::Io { path, msg } => write!(f, "{path}: {msg}"),
+            TensorError::Format { path, msg } => write!(f, "{path}: {msg}"),
         }
     }
 }

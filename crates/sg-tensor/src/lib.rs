@@ -14,6 +14,7 @@ pub mod backend;
 pub mod dtype;
 pub mod error;
 pub mod exec;
+pub mod io;
 pub mod kernels;
 pub mod par;
 pub mod params;

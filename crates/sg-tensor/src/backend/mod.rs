@@ -51,6 +51,9 @@ pub struct ParamGrads<'a, B: Backend> {
     pub b: Option<(Range<usize>, Dst)>,
 }
 
+/// A LayerNorm's saved per-row mean and 1/std.
+pub type LnStats<B> = (<B as Backend>::Buf, <B as Backend>::Buf);
+
 /// The gradient of an intermediate value: empty until its first contributor writes it (overwriting,
 /// into a fresh buffer); later contributors accumulate. Never zeros-then-add.
 pub type Grad<B> = Option<<B as Backend>::Buf>;
@@ -162,7 +165,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         rows: usize,
         eps: f32,
         keep: bool,
-    ) -> Result<(Self::Buf, Option<(Self::Buf, Self::Buf)>)>;
+    ) -> Result<(Self::Buf, Option<LnStats<Self>>)>;
     fn layernorm_backward(
         &self,
         x: &Self::Buf,

@@ -1,0 +1,161 @@
+//! Optimisers, schedules and clipping against values worked out by hand from PyTorch's formulas.
+use sg_autograd::optim::{
+    apply_layer_decay, clip_grad_norm, layer_id, weight_decay_groups, AdamW, CosineSchedule, Sgd,
+};
+use sg_tensor::ParamStore;
+
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-6 * b.abs().max(1.0)
+}
+
+fn store() -> ParamStore {
+    let mut s = ParamStore::new();
+    s.add("blocks.0.attn.q.weight", &[2, 2], vec![1.0; 4]).unwrap();
+    s.add("blocks.0.attn.q.bias", &[2], vec![1.0; 2]).unwrap();
+    s.add("norm.weight", &[2], vec![1.0; 2]).unwrap();
+    s
+}
+
+#[test]
+fn adamw_decays_weights_but_not_biases_or_norms() {
+    let mut s = store();
+    let groups = weight_decay_groups(&s, 0.1, &[]);
+    assert_eq!(groups.iter().map(|g| g.weight_decay).collect::<Vec<_>>(), vec![0.1, 0.0, 0.0]);
+    let mut opt = AdamW::new(&s, groups, 0.9, 0.95, 1e-8).unwrap();
+    let grads = vec![1.0; s.len()];
+    opt.step(&mut s, &grads, 0.1).unwrap();
+    // Weight: 1 * (1 - 0.1 * 0.1) = 0.99; m_hat = 1, sqrt(v_hat) = 1: 0.99 - 0.1 = 0.89.
+    // Bias and norm: no decay: 1 - 0.1 = 0.9.
+    let d = s.data();
+    assert!(d[..4].iter().all(|&v| close(v, 0.89)), "{d:?}");
+    assert!(d[4..].iter().all(|&v| close(v, 0.9)), "{d:?}");
+    // Step 2 with gradient 0.5: m = 0.9*0.1 + 0.1*0.5 = 0.14, v = 0.95*0.05 + 0.05*0.25 = 0.06,
+    // m_hat = 0.14/0.19, sqrt(v_hat) = sqrt(0.06/0.0975); bias: 0.9 - 0.1 * m_hat / sqrt(v_hat).
+    {
+        let g = vec![0.5; s.len()];
+        opt.step(&mut s, &g, 0.1)
+    }
+    .unwrap();
+    let want = 0.9 - 0.1 * (0.14f64 / 0.19) / ((0.06f64 / 0.0975).sqrt() + 1e-8);
+    assert!(close(s.data()[4], want as f32), "{} vs {want}", s.data()[4]);
+}
+
+#[test]
+fn frozen_parameters_do_not_move() {
+    let mut s = store();
+    s.set_trainable("blocks.0", false);
+    let mut opt = AdamW::new(&s, weight_decay_groups(&s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    {
+        let g = vec![1.0; s.len()];
+        opt.step(&mut s, &g, 0.1)
+    }
+    .unwrap();
+    assert!(s.data()[..6].iter().all(|&v| v == 1.0));
+    assert!(s.data()[6..].iter().all(|&v| v != 1.0));
+}
+
+#[test]
+fn layer_wise_lr_decay_follows_beit() {
+    let mut s = ParamStore::new();
+    for (n, shape) in [
+        ("pos_embed", vec![1, 4, 2]),
+        ("patch_embed.proj.weight", vec![2, 3]),
+        ("blocks.0.norm1.weight", vec![2]),
+        ("blocks.1.mlp.fc1.weight", vec![2, 2]),
+        ("norm.weight", vec![2]),
+        ("head.weight", vec![3, 2]),
+    ] {
+        let n_el = shape.iter().product();
+        s.add(n, &shape, vec![0.0; n_el]).unwrap();
+    }
+    assert_eq!(layer_id("blocks.11.attn.q.weight", 12), 12);
+    assert_eq!(layer_id("fc_norm.weight", 12), 13);
+    let mut g = weight_decay_groups(&s, 0.05, &[]);
+    apply_layer_decay(&s, &mut g, 2, 0.5);
+    let scales: Vec<f32> = g.iter().map(|g| g.lr_scale).collect();
+    assert_eq!(scales, vec![0.125, 0.125, 0.25, 0.5, 1.0, 1.0]);
+}
+
+#[test]
+fn warmup_then_half_cosine() {
+    let s = CosineSchedule { base_lr: 1.0, min_lr: 0.1, warmup_steps: 10, total_steps: 110 };
+    let lr: Vec<f64> = [0, 5, 10, 60, 110, 500].iter().map(|&t| s.lr(t)).collect();
+    let want = [0.0, 0.5, 1.0, 0.55, 0.1, 0.1];
+    for (a, b) in lr.iter().zip(want) {
+        assert!((a - b).abs() < 1e-12, "{lr:?}");
+    }
+}
+
+#[test]
+fn clipping_scales_to_the_max_norm() {
+    let mut s = ParamStore::new();
+    s.add("a", &[2], vec![0.0; 2]).unwrap();
+    let mut g = vec![3.0, 4.0];
+    let n = clip_grad_norm(&s, &mut g, 1.0).unwrap();
+    assert_eq!(n, 5.0);
+    assert!(close(g[0], 0.6) && close(g[1], 0.8), "{g:?}");
+    let mut small = vec![0.3, 0.4];
+    clip_grad_norm(&s, &mut small, 1.0).unwrap();
+    assert_eq!(small, vec![0.3, 0.4], "under the limit: untouched");
+}
+
+#[test]
+fn sgd_momentum_as_pytorch() {
+    let mut s = ParamStore::new();
+    s.add("p", &[1], vec![1.0]).unwrap();
+    let g = weight_decay_groups(&s, 0.0, &[]);
+    let mut opt = Sgd::new(&s, g.clone(), 0.9, false).unwrap();
+    opt.step(&mut s, &[1.0], 0.1).unwrap();
+    assert!(close(s.data()[0], 0.9));
+    opt.step(&mut s, &[1.0], 0.1).unwrap();
+    assert!(close(s.data()[0], 0.71), "buf = 0.9 + 1 = 1.9: {}", s.data()[0]);
+    let mut s2 = ParamStore::new();
+    s2.add("p", &[1], vec![1.0]).unwrap();
+    let mut nest = Sgd::new(&s2, g, 0.9, true).unwrap();
+    nest.step(&mut s2, &[1.0], 0.1).unwrap();
+    assert!(close(s2.data()[0], 0.81));
+}
+
+#[test]
+fn adamw_state_round_trips_exactly() {
+    let dir = std::env::temp_dir().join(format!("sg-optim-{}", std::process::id()));
+    let mut a = store();
+    let mut oa = AdamW::new(&a, weight_decay_groups(&a, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    for i in 0..3 {
+        {
+            let g = vec![0.1 * i as f32 + 0.2; a.len()];
+            oa.step(&mut a, &g, 1e-2)
+        }
+        .unwrap();
+    }
+    oa.save(dir.join("opt.safetensors"), &a).unwrap();
+    let mut b = a.clone();
+    let mut ob = AdamW::new(&b, weight_decay_groups(&b, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    ob.load(dir.join("opt.safetensors"), &b).unwrap();
+    assert_eq!(ob.step, 3);
+    {
+        let g = vec![0.7; a.len()];
+        oa.step(&mut a, &g, 1e-2)
+    }
+    .unwrap();
+    {
+        let g = vec![0.7; b.len()];
+        ob.step(&mut b, &g, 1e-2)
+    }
+    .unwrap();
+    assert_eq!(a.data(), b.data(), "resumed optimiser diverged");
+    // A state of another model is refused with the name of the tensor.
+    let mut other = ParamStore::new();
+    other.add("x", &[3], vec![0.0; 3]).unwrap();
+    let mut oo = AdamW::new(&other, weight_decay_groups(&other, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    let e = oo.load(dir.join("opt.safetensors"), &other).unwrap_err().to_string();
+    assert!(e.contains("exp_avg.x"), "{e}");
+}
+
+#[test]
+fn mismatched_layouts_are_errors() {
+    let mut s = store();
+    let mut opt = AdamW::new(&s, weight_decay_groups(&s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    assert!(opt.step(&mut s, &[0.0; 3], 0.1).is_err());
+    assert!(AdamW::new(&s, vec![], 0.9, 0.95, 1e-8).is_err());
+}
