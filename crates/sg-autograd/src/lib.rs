@@ -6,8 +6,15 @@
 //!   training and inference.
 //! - [`optim`]: AdamW and SGD over the flat parameter buffer, weight-decay groups, layer-wise lr
 //!   decay, warm-up + cosine schedule, gradient clipping, optimiser state as safetensors.
+//! - [`checkpoint`]: parameters, optimiser state and configuration saved and loaded together.
+//! - [`targets`]: one-hot, label-smoothed and mixed target distributions.
+//!
+//! Every recorded op has its backward in one exhaustive `match`: an op without a backward does not
+//! compile, so no gradient is ever cut silently.
 
+pub mod checkpoint;
 pub mod optim;
 mod tape;
+pub mod targets;
 
 pub use tape::{Grads, Tape};

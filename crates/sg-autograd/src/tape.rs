@@ -97,6 +97,26 @@ enum Op<B: Backend> {
         targets: Vec<f32>,
         classes: usize,
     },
+    MultiLabelSoftMargin {
+        logits: NodeId,
+        logits_val: B::Buf,
+        targets: Vec<f32>,
+        classes: usize,
+    },
+    WeightedCrossEntropy {
+        logits: NodeId,
+        logits_val: B::Buf,
+        labels: Vec<usize>,
+        weights: Vec<f32>,
+        ignore: usize,
+    },
+    /// Dropout and drop path: the mask is recomputed from the seed, not saved.
+    Dropout {
+        x: NodeId,
+        p: f32,
+        seed: u64,
+        group: usize,
+    },
     /// A node whose backward has run (its saved operands are gone).
     Done,
 }
@@ -133,6 +153,10 @@ pub struct Tape<'a, B: Backend> {
     nodes: Vec<Op<B>>,
     /// Store entries sorted by offset, with their trainable flag (for "does this range need a gradient").
     spans: Vec<(usize, usize, bool)>,
+    /// Dropout randomness: each dropout op draws the next seed from this stream, so a step is
+    /// reproducible from (seed, order of ops) alone.
+    seed: u64,
+    draws: u64,
 }
 
 impl<'a, B: Backend> Tape<'a, B> {
@@ -147,7 +171,35 @@ impl<'a, B: Backend> Tape<'a, B> {
         let mut spans: Vec<(usize, usize, bool)> =
             store.entries().iter().map(|e| (e.param.offset, e.param.len(), e.trainable)).collect();
         spans.sort_unstable();
-        Tape { backend, store, params, nodes: Vec::new(), spans }
+        Tape { backend, store, params, nodes: Vec::new(), spans, seed: 0, draws: 0 }
+    }
+
+    /// Seeds dropout and drop path for this step (the default seed is 0).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    fn next_seed(&mut self) -> u64 {
+        self.draws += 1;
+        // Mix so that consecutive steps' seeds give unrelated masks.
+        (self.seed ^ 0x6A09_E667_F3BC_C908).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(self.draws)
+    }
+
+    fn dropout_op(&mut self, x: &Value<B>, p: f32, group: usize) -> Result<Value<B>> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(TensorError::Arg { op: "dropout", msg: format!("probability {p} is outside [0, 1)") });
+        }
+        let xn = self.check_node(x)?;
+        if p == 0.0 {
+            return Ok(x.clone());
+        }
+        let seed = self.next_seed();
+        let y = fwd::value(self.backend.dropout(&x.buf, p, seed, group)?, x.shape.clone());
+        Ok(match xn {
+            Some(n) => self.record(Op::Dropout { x: n, p, seed, group }, y),
+            None => y,
+        })
     }
 
     /// Recorded nodes (for tests and memory accounting).
@@ -201,7 +253,14 @@ impl<'a, B: Backend> Tape<'a, B> {
             // Nothing trainable reaches the loss: every gradient is zero.
             None => return Ok(()),
         };
-        if !matches!(self.nodes[root], Op::MaeLoss { .. } | Op::CrossEntropy { .. }) {
+        let is_loss = matches!(
+            self.nodes[root],
+            Op::MaeLoss { .. }
+                | Op::CrossEntropy { .. }
+                | Op::MultiLabelSoftMargin { .. }
+                | Op::WeightedCrossEntropy { .. }
+        );
+        if !is_loss {
             return Err(TensorError::Arg { op: "backward", msg: "backward starts from a loss op".into() });
         }
         if grads.written.len() != self.store.entries().len() {
@@ -366,6 +425,19 @@ impl<'a, B: Backend> Tape<'a, B> {
             Op::CrossEntropy { logits, logits_val, targets, classes } => {
                 let s = get(slot(slots, Some(logits))).expect("on the tape");
                 be.cross_entropy_backward(&logits_val, &targets, classes, 1.0, s)?;
+            }
+            Op::MultiLabelSoftMargin { logits, logits_val, targets, classes } => {
+                let s = get(slot(slots, Some(logits))).expect("on the tape");
+                be.multilabel_soft_margin_backward(&logits_val, &targets, classes, 1.0, s)?;
+            }
+            Op::WeightedCrossEntropy { logits, logits_val, labels, weights, ignore } => {
+                let s = get(slot(slots, Some(logits))).expect("on the tape");
+                be.weighted_cross_entropy_backward(&logits_val, &labels, &weights, ignore, 1.0, s)?;
+            }
+            Op::Dropout { x, p, seed, group } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.dropout_backward(&dy, p, seed, group, s)?;
             }
         }
         Ok(())
@@ -548,5 +620,59 @@ impl<B: Backend> Exec for Tape<'_, B> {
             }
             None => (v, l),
         })
+    }
+
+    fn multilabel_soft_margin(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
+        let ln = self.check_node(logits)?;
+        let classes = fwd::check_targets(logits, targets)?;
+        let l = self.backend.multilabel_soft_margin(&logits.buf, targets, classes)?;
+        let v = fwd::value(self.backend.scalar(l), vec![]);
+        Ok(match ln {
+            Some(n) => {
+                let op = Op::MultiLabelSoftMargin {
+                    logits: n,
+                    logits_val: logits.buf.clone(),
+                    targets: targets.to_vec(),
+                    classes,
+                };
+                (self.record(op, v), l)
+            }
+            None => (v, l),
+        })
+    }
+
+    fn weighted_cross_entropy(
+        &mut self,
+        logits: &Value<B>,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+    ) -> Result<(Value<B>, f64)> {
+        let ln = self.check_node(logits)?;
+        fwd::check_labels(logits, labels, weights)?;
+        let l = self.backend.weighted_cross_entropy(&logits.buf, labels, weights, ignore)?;
+        let v = fwd::value(self.backend.scalar(l), vec![]);
+        Ok(match ln {
+            Some(n) => {
+                let op = Op::WeightedCrossEntropy {
+                    logits: n,
+                    logits_val: logits.buf.clone(),
+                    labels: labels.to_vec(),
+                    weights: weights.to_vec(),
+                    ignore,
+                };
+                (self.record(op, v), l)
+            }
+            None => (v, l),
+        })
+    }
+
+    fn dropout(&mut self, x: &Value<B>, p: f32) -> Result<Value<B>> {
+        self.dropout_op(x, p, 1)
+    }
+
+    fn drop_path(&mut self, x: &Value<B>, p: f32) -> Result<Value<B>> {
+        let per_sample = x.numel() / x.shape.first().copied().unwrap_or(1).max(1);
+        self.dropout_op(x, p, per_sample.max(1))
     }
 }

@@ -159,3 +159,38 @@ fn mismatched_layouts_are_errors() {
     assert!(opt.step(&mut s, &[0.0; 3], 0.1).is_err());
     assert!(AdamW::new(&s, vec![], 0.9, 0.95, 1e-8).is_err());
 }
+
+#[test]
+fn smoothed_and_mixed_targets() {
+    use sg_autograd::targets::{mix, smoothed};
+    let t = smoothed(&[1, 0], 4, 0.1).unwrap();
+    let want = [0.025, 0.925, 0.025, 0.025, 0.925, 0.025, 0.025, 0.025];
+    assert!(t.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-7), "{t:?}");
+    assert!(smoothed(&[4], 4, 0.1).is_err());
+    let m = mix(&smoothed(&[0], 2, 0.0).unwrap(), &smoothed(&[1], 2, 0.0).unwrap(), 0.7).unwrap();
+    assert!((m[0] - 0.7).abs() < 1e-7 && (m[1] - 0.3).abs() < 1e-7);
+}
+
+#[test]
+fn checkpoint_directory_round_trip_and_torn_saves() {
+    use sg_autograd::checkpoint;
+    use std::collections::HashMap;
+    let dir = std::env::temp_dir().join(format!("sg-ckpt-{}", std::process::id()));
+    let mut s = store();
+    let mut o = AdamW::new(&s, weight_decay_groups(&s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    let g = vec![0.3; s.len()];
+    o.step(&mut s, &g, 1e-2).unwrap();
+    let extra = HashMap::from([("epoch".to_string(), "0".to_string())]);
+    checkpoint::save(&dir, &s, Some(&o), "{\"embed_dim\": 2}", 1, &extra).unwrap();
+    let mut s2 = store();
+    let mut o2 = AdamW::new(&s2, weight_decay_groups(&s2, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    let l = checkpoint::load(&dir, &mut s2, Some(&mut o2)).unwrap();
+    assert_eq!((l.step, l.config_json.as_str(), l.metadata["epoch"].as_str()), (1, "{\"embed_dim\": 2}", "0"));
+    assert_eq!(s2.data(), s.data());
+    assert_eq!(o2.exp_avg_sq, o.exp_avg_sq);
+    // A save interrupted after the optimiser file: parameters and optimiser disagree on the step.
+    o.step(&mut s, &g, 1e-2).unwrap();
+    o.save(dir.join(checkpoint::OPTIMIZER), &s).unwrap();
+    let e = checkpoint::load(&dir, &mut s2, Some(&mut o2)).unwrap_err().to_string();
+    assert!(e.contains("interrupted"), "{e}");
+}

@@ -88,8 +88,25 @@ pub trait Exec {
         mask: &[f32],
         groups: usize,
     ) -> Result<(Value<Self::B>, MaeLoss)>;
-    /// Mean cross-entropy of `logits (batch, classes)` against target distributions (`batch x classes`).
+    /// Mean cross-entropy of `logits (batch, classes)` against target distributions (`batch x classes`):
+    /// one-hot, label-smoothed or mixed targets.
     fn cross_entropy(&mut self, logits: &Value<Self::B>, targets: &[f32]) -> Result<(Value<Self::B>, f64)>;
+    /// Multi-label soft margin of `logits (batch, classes)` against 0/1 (or soft) targets.
+    fn multilabel_soft_margin(&mut self, logits: &Value<Self::B>, targets: &[f32]) -> Result<(Value<Self::B>, f64)>;
+    /// Class-weighted cross-entropy of `logits (rows, classes)` against class indices; rows labelled
+    /// `ignore` do not count (segmentation's 255, change detection's weighted NLL).
+    fn weighted_cross_entropy(
+        &mut self,
+        logits: &Value<Self::B>,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+    ) -> Result<(Value<Self::B>, f64)>;
+    /// Dropout with probability `p` in training; the identity in inference.
+    fn dropout(&mut self, x: &Value<Self::B>, p: f32) -> Result<Value<Self::B>>;
+    /// Drop path (stochastic depth): whole samples of `x (batch, ...)` dropped with probability `p`
+    /// in training, survivors scaled by `1 / (1 - p)`; the identity in inference.
+    fn drop_path(&mut self, x: &Value<Self::B>, p: f32) -> Result<Value<Self::B>>;
 
     /// The values, widened to f64.
     fn read(&self, v: &Value<Self::B>) -> Vec<f64> {
@@ -275,6 +292,18 @@ pub mod fwd {
         Ok(MaeLossDims { batch: b, groups, spatial: l / groups, feat: f })
     }
 
+    /// The classes of `(rows, classes)` logits for `labels` (one per row).
+    pub fn check_labels<B: Backend>(logits: &Value<B>, labels: &[usize], weights: &[f32]) -> Result<()> {
+        let (rows, c) = rows_cols(logits);
+        if rows != labels.len() || c != weights.len() {
+            return shape_err(
+                "weighted_cross_entropy",
+                format!("logits {:?} with {} labels and {} class weights", logits.shape, labels.len(), weights.len()),
+            );
+        }
+        Ok(())
+    }
+
     pub fn check_targets<B: Backend>(logits: &Value<B>, targets: &[f32]) -> Result<usize> {
         match logits.shape[..] {
             [b, c] if targets.len() == b * c => Ok(c),
@@ -376,5 +405,31 @@ impl<B: Backend> Exec for Eval<'_, B> {
         let c = fwd::check_targets(logits, targets)?;
         let l = self.backend.cross_entropy(&logits.buf, targets, c)?;
         Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+    }
+
+    fn multilabel_soft_margin(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
+        let c = fwd::check_targets(logits, targets)?;
+        let l = self.backend.multilabel_soft_margin(&logits.buf, targets, c)?;
+        Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+    }
+
+    fn weighted_cross_entropy(
+        &mut self,
+        logits: &Value<B>,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+    ) -> Result<(Value<B>, f64)> {
+        fwd::check_labels(logits, labels, weights)?;
+        let l = self.backend.weighted_cross_entropy(&logits.buf, labels, weights, ignore)?;
+        Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+    }
+
+    fn dropout(&mut self, x: &Value<B>, _p: f32) -> Result<Value<B>> {
+        Ok(x.clone())
+    }
+
+    fn drop_path(&mut self, x: &Value<B>, _p: f32) -> Result<Value<B>> {
+        Ok(x.clone())
     }
 }

@@ -44,8 +44,10 @@ proptest! {
             let (mut mean, mut rstd) = (vec![0.0; rows], vec![0.0; rows]);
             layernorm::forward(&x, &gamma, &beta, rows, eps, &mut y, Some((&mut mean, &mut rstd))).unwrap();
             let (wy, wm, wr) = layernorm::reference::forward(&x, &gamma, &beta, eps as f64);
-            // f32 rounding of x itself bounds what any f32 kernel can do: relative to the row scale.
-            let tol = 2e-6 * (1.0 + shift.abs() as f64 / scale as f64);
+            // What any f32 implementation can achieve depends on the conditioning: rounding the mean
+            // costs ~eps * |mean|, measured in units of the row's standard deviation.
+            let cond = wm.iter().zip(&wr).map(|(m, r)| 1.0 + m.abs() * r).fold(1.0, f64::max);
+            let tol = 4e-7 * cond * (dim as f64).sqrt().max(2.0);
             assert!(max_err(&y, &wy) <= tol * 4.0, "{isa:?} y {}", max_err(&y, &wy));
             assert!(max_err(&mean, &wm) <= 1e-6 * (scale + shift.abs()) as f64);
             assert!(rel_to_max(&rstd, &wr) <= tol, "{isa:?} rstd {}", rel_to_max(&rstd, &wr));
@@ -60,7 +62,9 @@ proptest! {
             let wdx: Vec<f64> = wdx.iter().map(|v| v + 0.25).collect();
             let wdg: Vec<f64> = wdg.iter().map(|v| v + 1.0).collect();
             let wdb: Vec<f64> = wdb.iter().map(|v| v - 1.0).collect();
-            assert!(rel_to_max(&dx, &wdx) <= tol * 8.0, "{isa:?} dx {}", rel_to_max(&dx, &wdx));
+            // dx is a difference of terms of size rstd * |dy * gamma|, which can cancel almost fully.
+            let term = wr.iter().fold(0.0f64, |m, &r| m.max(r)) * 1.5;
+            assert!(rel_to_max_floor(&dx, &wdx, term) <= tol * 8.0, "{isa:?} dx {}", rel_to_max_floor(&dx, &wdx, term));
             assert!(rel_to_max(&dg, &wdg) <= tol * 8.0, "{isa:?} dgamma {}", rel_to_max(&dg, &wdg));
             assert!(rel_to_max(&db, &wdb) <= 1e-5, "{isa:?} dbeta {}", rel_to_max(&db, &wdb));
         });

@@ -460,6 +460,50 @@ impl Backend for CpuF64 {
         })
     }
 
+    fn dropout(&self, x: &Buf, p: f32, seed: u64, group: usize) -> Result<Buf> {
+        Ok(Arc::new(super::dropout_generic(x, p, seed, group)?))
+    }
+
+    fn dropout_backward(&self, dy: &Buf, p: f32, seed: u64, group: usize, dx: &mut Grad<Self>) -> Result<()> {
+        let g = super::dropout_generic(dy, p, seed, group)?;
+        write_slot("dropout_backward", dx, g.len(), |i| g[i])
+    }
+
+    fn multilabel_soft_margin(&self, logits: &Buf, targets: &[f32], classes: usize) -> Result<f64> {
+        super::msm_generic(logits, targets, classes)
+    }
+
+    fn multilabel_soft_margin_backward(
+        &self,
+        logits: &Buf,
+        targets: &[f32],
+        classes: usize,
+        scale: f64,
+        dlogits: &mut Grad<Self>,
+    ) -> Result<()> {
+        let mut g = vec![0.0; logits.len()];
+        super::msm_backward_generic(logits, targets, classes, scale, |i, v| g[i] = v)?;
+        write_slot("multilabel_soft_margin_backward", dlogits, g.len(), |i| g[i])
+    }
+
+    fn weighted_cross_entropy(&self, logits: &Buf, labels: &[usize], weights: &[f32], ignore: usize) -> Result<f64> {
+        super::wce_generic(logits, labels, weights, ignore)
+    }
+
+    fn weighted_cross_entropy_backward(
+        &self,
+        logits: &Buf,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+        scale: f64,
+        dlogits: &mut Grad<Self>,
+    ) -> Result<()> {
+        let mut g = vec![0.0; logits.len()];
+        super::wce_backward_generic(logits, labels, weights, ignore, scale, |i, v| g[i] = v)?;
+        write_slot("weighted_cross_entropy_backward", dlogits, g.len(), |i| g[i])
+    }
+
     fn mae_loss(&self, pred: &Buf, target: &Buf, mask: &[f32], d: MaeLossDims) -> Result<MaeLoss> {
         super::mae_loss_generic(pred, target, mask, d)
     }

@@ -268,6 +268,42 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dpred: &mut Grad<Self>,
     ) -> Result<()>;
 
+    /// `y = x * keep / (1 - p)`, where element `i` is kept unless [`dropout_drops`]`(seed, i / group, p)`:
+    /// `group = 1` is dropout, `group` = one sample's size is drop path (stochastic depth).
+    fn dropout(&self, x: &Self::Buf, p: f32, seed: u64, group: usize) -> Result<Self::Buf>;
+    fn dropout_backward(&self, dy: &Self::Buf, p: f32, seed: u64, group: usize, dx: &mut Grad<Self>) -> Result<()>;
+
+    /// PyTorch's `MultiLabelSoftMarginLoss`: the mean over samples of the mean over classes of
+    /// `-(y log sigmoid(z) + (1 - y) log sigmoid(-z))`.
+    fn multilabel_soft_margin(&self, logits: &Self::Buf, targets: &[f32], classes: usize) -> Result<f64>;
+    fn multilabel_soft_margin_backward(
+        &self,
+        logits: &Self::Buf,
+        targets: &[f32],
+        classes: usize,
+        scale: f64,
+        dlogits: &mut Grad<Self>,
+    ) -> Result<()>;
+
+    /// Cross-entropy against class indices with per-class `weights`, averaged as PyTorch does
+    /// (divided by the summed weights of the counted rows); rows labelled `ignore` do not count.
+    fn weighted_cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+    ) -> Result<f64>;
+    fn weighted_cross_entropy_backward(
+        &self,
+        logits: &Self::Buf,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+        scale: f64,
+        dlogits: &mut Grad<Self>,
+    ) -> Result<()>;
+
     /// Mean cross-entropy of `logits (batch, classes)` against target distributions `targets`
     /// (one-hot, smoothed or mixed); returns the loss.
     fn cross_entropy(&self, logits: &Self::Buf, targets: &[f32], classes: usize) -> Result<f64>;
@@ -400,6 +436,141 @@ pub(crate) fn cross_entropy_backward_generic<T: Copy + Into<f64>>(
         let tsum: f64 = t.iter().map(|&v| v as f64).sum();
         for c in 0..classes {
             put(r * classes + c, scale * (ls[c].exp() * tsum - t[c] as f64) / rows as f64);
+        }
+    }
+    Ok(())
+}
+
+/// Whether dropout with probability `p` drops unit `unit` under `seed`: a counter-based hash
+/// (SplitMix64), so every backend and every thread count draws the same mask, and the backward
+/// recomputes it instead of saving it.
+pub fn dropout_drops(seed: u64, unit: usize, p: f32) -> bool {
+    let mut z = seed ^ (unit as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 / (1u64 << 24) as f32) < p
+}
+
+pub(crate) fn dropout_factor(seed: u64, i: usize, group: usize, p: f32) -> f64 {
+    if dropout_drops(seed, i / group.max(1), p) {
+        0.0
+    } else {
+        1.0 / (1.0 - p as f64)
+    }
+}
+
+fn check_dropout(p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(crate::error::TensorError::Arg {
+            op: "dropout",
+            msg: format!("probability {p} is outside [0, 1)"),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn dropout_generic<T: Copy + Into<f64>>(x: &[T], p: f32, seed: u64, group: usize) -> Result<Vec<f64>> {
+    check_dropout(p)?;
+    Ok(x.iter().enumerate().map(|(i, &v)| v.into() * dropout_factor(seed, i, group, p)).collect())
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// `log sigmoid(z)`, stable for large |z|.
+fn log_sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        -(-z).exp().ln_1p()
+    } else {
+        z - z.exp().ln_1p()
+    }
+}
+
+pub(crate) fn msm_generic<T: Copy + Into<f64>>(logits: &[T], targets: &[f32], classes: usize) -> Result<f64> {
+    let rows = check_ce(logits.len(), targets.len(), classes)?;
+    let total: f64 = logits
+        .iter()
+        .zip(targets)
+        .map(|(&z, &y)| {
+            let z = z.into();
+            -(y as f64 * log_sigmoid(z) + (1.0 - y as f64) * log_sigmoid(-z))
+        })
+        .sum();
+    Ok(total / (rows.max(1) * classes) as f64)
+}
+
+pub(crate) fn msm_backward_generic<T: Copy + Into<f64>>(
+    logits: &[T],
+    targets: &[f32],
+    classes: usize,
+    scale: f64,
+    mut put: impl FnMut(usize, f64),
+) -> Result<()> {
+    let rows = check_ce(logits.len(), targets.len(), classes)?;
+    let c = scale / (rows.max(1) * classes) as f64;
+    for (i, (&z, &y)) in logits.iter().zip(targets).enumerate() {
+        put(i, c * (sigmoid(z.into()) - y as f64));
+    }
+    Ok(())
+}
+
+fn check_wce(logits: usize, labels: &[usize], weights: &[f32], ignore: usize) -> Result<usize> {
+    let op = "weighted_cross_entropy";
+    let classes = weights.len();
+    if classes == 0 || logits != labels.len() * classes {
+        return Err(crate::error::TensorError::Shape {
+            op,
+            msg: format!("{logits} logits for {} labels of {classes} classes", labels.len()),
+        });
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l >= classes && l != ignore) {
+        return Err(crate::error::TensorError::Index { op, index: bad, len: classes });
+    }
+    Ok(classes)
+}
+
+/// `(sum of w[y] nll, sum of w[y])` over counted rows.
+pub(crate) fn wce_generic<T: Copy + Into<f64>>(
+    logits: &[T],
+    labels: &[usize],
+    weights: &[f32],
+    ignore: usize,
+) -> Result<f64> {
+    let classes = check_wce(logits.len(), labels, weights, ignore)?;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (row, &y) in logits.chunks_exact(classes).zip(labels) {
+        if y == ignore {
+            continue;
+        }
+        let w = weights[y] as f64;
+        num -= w * log_softmax_row(row)[y];
+        den += w;
+    }
+    // Every row ignored: no loss (PyTorch divides 0 by 0).
+    Ok(if den > 0.0 { num / den } else { 0.0 })
+}
+
+pub(crate) fn wce_backward_generic<T: Copy + Into<f64>>(
+    logits: &[T],
+    labels: &[usize],
+    weights: &[f32],
+    ignore: usize,
+    scale: f64,
+    mut put: impl FnMut(usize, f64),
+) -> Result<()> {
+    let classes = check_wce(logits.len(), labels, weights, ignore)?;
+    let den: f64 = labels.iter().filter(|&&y| y != ignore).map(|&y| weights[y] as f64).sum();
+    for (r, (row, &y)) in logits.chunks_exact(classes).zip(labels).enumerate() {
+        if y == ignore || den == 0.0 {
+            (0..classes).for_each(|c| put(r * classes + c, 0.0));
+            continue;
+        }
+        let w = weights[y] as f64 * scale / den;
+        let ls = log_softmax_row(row);
+        for (c, l) in ls.iter().enumerate() {
+            put(r * classes + c, w * (l.exp() - f64::from(u8::from(c == y))));
         }
     }
     Ok(())
