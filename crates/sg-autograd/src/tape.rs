@@ -84,6 +84,12 @@ enum Op<B: Backend> {
     Reshape {
         x: NodeId,
     },
+    Permute {
+        x: NodeId,
+        /// The output's shape, permuted back by the inverse permutation in the backward.
+        out_shape: Vec<usize>,
+        perm: Vec<usize>,
+    },
     MaeLoss {
         pred: NodeId,
         pred_val: B::Buf,
@@ -413,6 +419,12 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.mean_tokens_backward(&dy, bt, l, d, skip_first, s)?;
             }
+            Op::Permute { x, out_shape, perm } => {
+                let dy = need(&dy)?;
+                let back = be.permute(&dy, &out_shape, &fwd::inverse_perm(&perm))?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.accumulate_grad(s, &back)?;
+            }
             Op::Reshape { x } => {
                 let dy = need(&dy)?;
                 let s = get(slot(slots, Some(x))).expect("on the tape");
@@ -569,6 +581,18 @@ impl<B: Backend> Exec for Tape<'_, B> {
             }
             None => Ok(y),
         }
+    }
+
+    fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let y = fwd::permute(&self.backend, x, perm)?;
+        Ok(match xn {
+            Some(n) => {
+                let op = Op::Permute { x: n, out_shape: y.shape.clone(), perm: perm.to_vec() };
+                self.record(op, y)
+            }
+            None => y,
+        })
     }
 
     fn reshape(&mut self, x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {

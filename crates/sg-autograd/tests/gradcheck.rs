@@ -264,6 +264,21 @@ impl Graph for DropoutG {
     }
 }
 
+/// A (batch, groups, tokens, features) value with its group axis moved last, then a Linear over it
+/// (the segmentation head's spectral-group merge).
+struct PermuteG {
+    x: ParamRef,
+    w: ParamRef,
+}
+impl Graph for PermuteG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let p = e.permute(&x, &[0, 2, 3, 1])?;
+        let y = e.linear(&p, &self.w, None, Activation::Identity)?;
+        probe(e, &y, 8)
+    }
+}
+
 struct MultiLabelG {
     z: ParamRef,
     targets: Vec<f32>,
@@ -294,6 +309,12 @@ proptest! {
     fn dropout_and_drop_path_grads(seed in any::<u64>(), b in 1usize..4, t in 1usize..4, k in 1usize..5, n in 1usize..5) {
         let (c, r) = Check::new(&[("x", vec![b, t, k]), ("w", vec![n, k])], seed);
         c.run(&DropoutG { x: r[0].clone(), w: r[1].clone() });
+    }
+
+    #[test]
+    fn permute_grads(seed in any::<u64>(), b in 1usize..3, g in 1usize..4, t in 1usize..4, f in 1usize..4) {
+        let (c, r) = Check::new(&[("x", vec![b, g, t, f]), ("w", vec![1, g])], seed);
+        c.run(&PermuteG { x: r[0].clone(), w: r[1].clone() });
     }
 
     #[test]

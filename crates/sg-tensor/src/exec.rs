@@ -78,6 +78,8 @@ pub trait Exec {
     fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
     /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
     fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
+    /// The axes reordered (a copy): output axis `i` is input axis `perm[i]`.
+    fn permute(&mut self, x: &Value<Self::B>, perm: &[usize]) -> Result<Value<Self::B>>;
     /// The same data with another shape of equal size.
     fn reshape(&mut self, x: &Value<Self::B>, shape: &[usize]) -> Result<Value<Self::B>>;
     /// SpectralGPT's loss of `pred (batch, groups * s, f)` against `target` with `mask` (1 = masked).
@@ -263,6 +265,20 @@ pub mod fwd {
         Ok(value(be.mean_tokens(&x.buf, b, l, d, skip_first)?, vec![b, d]))
     }
 
+    pub fn permute<B: Backend>(be: &B, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
+        let y = be.permute(&x.buf, &x.shape, perm)?;
+        Ok(value(y, perm.iter().map(|&p| x.shape[p]).collect()))
+    }
+
+    /// The permutation that undoes `perm`.
+    pub fn inverse_perm(perm: &[usize]) -> Vec<usize> {
+        let mut inv = vec![0; perm.len()];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        inv
+    }
+
     pub fn reshape<B: Backend>(x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {
         let n: usize = shape.iter().product();
         if n != x.numel() {
@@ -383,6 +399,10 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
         fwd::mean_tokens(&self.backend, x, skip_first)
+    }
+
+    fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
+        fwd::permute(&self.backend, x, perm)
     }
 
     fn reshape(&mut self, x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {

@@ -292,6 +292,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn permute(&self, x: &Buf, shape: &[usize], perm: &[usize]) -> Result<Buf> {
+        check_len("permute", "x", x.len(), shape.iter().product())?;
+        Ok(Arc::new(super::permute_index(shape, perm)?.into_iter().map(|i| x[i]).collect()))
+    }
+
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {
         let mut y = vec![0.0; a.len()];
         elementwise::add(a, b, &mut y, Dst::Overwrite)?;

@@ -306,6 +306,11 @@ impl Backend for CpuF64 {
         write_slot("attention_backward", dqkv, g.len(), |i| g[i])
     }
 
+    fn permute(&self, x: &Buf, shape: &[usize], perm: &[usize]) -> Result<Buf> {
+        check_len("permute", "x", x.len(), shape.iter().product())?;
+        Ok(Arc::new(super::permute_index(shape, perm)?.into_iter().map(|i| x[i]).collect()))
+    }
+
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {
         check_len("add", "b", b.len(), a.len())?;
         Ok(Arc::new(a.iter().zip(b.iter()).map(|(x, y)| x + y).collect()))

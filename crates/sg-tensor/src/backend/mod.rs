@@ -191,6 +191,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dqkv: &mut Grad<Self>,
     ) -> Result<()>;
 
+    /// The axes of a row-major `shape` reordered: output axis `i` is input axis `perm[i]`.
+    fn permute(&self, x: &Self::Buf, shape: &[usize], perm: &[usize]) -> Result<Self::Buf>;
+
     /// `a + b` (equal lengths).
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
     /// `x[i, :] + rows[i % rows_count, :]`: `rows` (`rows_count x dim`) repeats over the leading axis.
@@ -574,4 +577,36 @@ pub(crate) fn wce_backward_generic<T: Copy + Into<f64>>(
         }
     }
     Ok(())
+}
+
+/// Source index of every output element of a permutation, in output order.
+pub(crate) fn permute_index(shape: &[usize], perm: &[usize]) -> Result<Vec<usize>> {
+    let nd = shape.len();
+    let mut seen = vec![false; nd];
+    if perm.len() != nd || perm.iter().any(|&p| p >= nd || std::mem::replace(&mut seen[p], true)) {
+        return Err(crate::error::TensorError::Shape {
+            op: "permute",
+            msg: format!("{perm:?} is not a permutation of the axes of {shape:?}"),
+        });
+    }
+    let mut in_strides = vec![1usize; nd];
+    for i in (0..nd.saturating_sub(1)).rev() {
+        in_strides[i] = in_strides[i + 1] * shape[i + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let n: usize = shape.iter().product();
+    let mut idx = Vec::with_capacity(n);
+    let mut pos = vec![0usize; nd];
+    for _ in 0..n {
+        idx.push(pos.iter().zip(&strides).map(|(a, b)| a * b).sum());
+        for ax in (0..nd).rev() {
+            pos[ax] += 1;
+            if pos[ax] < out_shape[ax] {
+                break;
+            }
+            pos[ax] = 0;
+        }
+    }
+    Ok(idx)
 }
