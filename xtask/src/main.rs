@@ -1,19 +1,54 @@
 //! Project tasks, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
+//! - `parity FIXTURE.safetensors...`: reproduce PyTorch reference dumps (forward and gradients);
+//!   exits non-zero if any tensor is outside its tolerance.
 //! - `bench kernels [FILTER]`: the criterion benchmarks of `sg-tensor`'s kernels on ViT-B shapes;
-//!   throughput is printed in elements/s where one element is one floating-point operation, so the
-//!   figure reads as FLOP/s.
+//!   throughput is printed in elements/s where one element is one floating-point operation.
 
 use std::process::{Command, ExitCode};
 
-fn usage() -> ExitCode {
-    eprintln!("usage: cargo xtask bench kernels [FILTER]");
-    ExitCode::from(2)
+const USAGE: &str = "usage:
+  cargo xtask parity FIXTURE.safetensors...
+  cargo xtask bench kernels [FILTER]";
+
+fn parity(files: &[&str]) -> ExitCode {
+    if files.is_empty() {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let mut ok = true;
+    for file in files {
+        match xtask::parity::run(file) {
+            Ok(r) => {
+                println!("{file}: {}", r.model);
+                for c in &r.checks {
+                    let verdict = if c.passed() { "ok" } else { "FAIL" };
+                    println!(
+                        "  {verdict:4} {:48} max abs err {:.3e}  ({:.2} of tolerance)",
+                        c.name, c.max_abs_err, c.ratio
+                    );
+                }
+                let failed = r.checks.iter().filter(|c| !c.passed()).count();
+                println!("  {} of {} tensors within tolerance", r.checks.len() - failed, r.checks.len());
+                ok &= failed == 0;
+            }
+            Err(e) => {
+                eprintln!("{file}: error: {e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["parity", files @ ..] => parity(files),
         ["bench", "kernels", rest @ ..] => {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.args(["bench", "-p", "sg-benches", "--bench", "kernels", "--"]).args(rest);
@@ -26,6 +61,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        _ => usage(),
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
     }
 }

@@ -1,0 +1,193 @@
+//! SpectralGPT's pretraining model (`MaskedAutoencoderViT` in the original), on any executor:
+//!
+//! ```text
+//! tokens -> patch_embed + pos (spatial + spectral) -> keep visible -> blocks -> norm     (encoder_out)
+//!        -> decoder_embed -> + mask_token, unshuffle -> + decoder pos -> decoder_blocks
+//!        -> decoder_norm -> decoder_pred                                                   (pred)
+//! loss = loss1 (masked tokens, token to token) + loss3 (spectral groups summed, all tokens)
+//! ```
+//! Parameter names are the original's: the encoder's (see `sg_vit::model`), then `decoder_embed`,
+//! `mask_token`, `decoder_pos_embed_spatial`, `decoder_pos_embed_temporal`, `decoder_blocks.N.*`,
+//! `decoder_norm`, `decoder_pred`.
+
+use serde_json::Value as Json;
+use sg_tensor::backend::MaeLoss;
+use sg_tensor::kernels::linear::Activation;
+use sg_tensor::{Exec, ParamRef, ParamStore, Result, TensorError, Value};
+use sg_vit::config::{PosEmbed, VitConfig};
+use sg_vit::init::Rng;
+use sg_vit::model::{Block, LayerNorm, Linear, Pos, Vit};
+
+use crate::masking::Masking;
+
+/// The encoder's configuration plus the decoder's and the mask ratio.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaeConfig {
+    pub encoder: VitConfig,
+    pub decoder_embed_dim: usize,
+    pub decoder_depth: usize,
+    pub decoder_num_heads: usize,
+    pub mask_ratio: f64,
+}
+
+impl MaeConfig {
+    /// A named encoder size at `img` px with SpectralGPT's decoder (512 wide, 4 blocks, 16 heads;
+    /// at tiny scale 128 wide, 2 blocks, 4 heads), mask ratio 0.9.
+    pub fn preset(name: &str, img: usize) -> Result<Self> {
+        let encoder = VitConfig::preset(name, img)?;
+        let (decoder_embed_dim, decoder_depth, decoder_num_heads) =
+            if name == "tiny" { (128, 2, 4) } else { (512, 4, 16) };
+        let c = MaeConfig { encoder, decoder_embed_dim, decoder_depth, decoder_num_heads, mask_ratio: 0.9 };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.encoder.validate()?;
+        let bad = |msg: String| Err(TensorError::Arg { op: "config", msg });
+        if self.encoder.pos_embed != PosEmbed::Separate {
+            return bad("pretraining uses separate spatial and spectral position embeddings".into());
+        }
+        if self.decoder_num_heads == 0 || self.decoder_embed_dim % self.decoder_num_heads != 0 {
+            return bad(format!(
+                "decoder_embed_dim {} does not split into {} heads",
+                self.decoder_embed_dim, self.decoder_num_heads
+            ));
+        }
+        if !(0.0..1.0).contains(&self.mask_ratio) {
+            return bad(format!("mask_ratio {} is outside [0, 1)", self.mask_ratio));
+        }
+        if super::masking::kept(self.encoder.tokens(), self.mask_ratio) == 0 {
+            return bad(format!("mask_ratio {} keeps no token of {}", self.mask_ratio, self.encoder.tokens()));
+        }
+        Ok(())
+    }
+
+    /// Reads the fields present in a JSON object (the parity fixtures' `config`, or ours).
+    pub fn update_from_json(&mut self, j: &Json) -> Result<()> {
+        self.encoder.update_from_json(j)?;
+        for (k, slot) in [
+            ("decoder_embed_dim", &mut self.decoder_embed_dim),
+            ("decoder_depth", &mut self.decoder_depth),
+            ("decoder_num_heads", &mut self.decoder_num_heads),
+        ] {
+            if let Some(v) = j.get(k) {
+                *slot = v
+                    .as_u64()
+                    .ok_or_else(|| TensorError::Arg { op: "config", msg: format!("`{k}` must be a whole number") })?
+                    as usize;
+            }
+        }
+        if let Some(v) = j.get("mask_ratio") {
+            self.mask_ratio = v
+                .as_f64()
+                .ok_or_else(|| TensorError::Arg { op: "config", msg: "`mask_ratio` must be a number".into() })?;
+        }
+        self.validate()
+    }
+
+    pub fn to_json(&self) -> Json {
+        let mut j = self.encoder.to_json();
+        j["decoder_embed_dim"] = self.decoder_embed_dim.into();
+        j["decoder_depth"] = self.decoder_depth.into();
+        j["decoder_num_heads"] = self.decoder_num_heads.into();
+        j["mask_ratio"] = self.mask_ratio.into();
+        j
+    }
+}
+
+/// The pretraining model's parameters.
+#[derive(Clone, Debug)]
+pub struct Mae3d {
+    pub cfg: MaeConfig,
+    pub encoder: Vit,
+    pub decoder_embed: Linear,
+    pub mask_token: ParamRef,
+    pub decoder_pos: Pos,
+    pub decoder_blocks: Vec<Block>,
+    pub decoder_norm: LayerNorm,
+    pub decoder_pred: Linear,
+}
+
+/// What a forward pass gives.
+pub struct MaeOutput<V> {
+    /// `loss1 + loss3`, the value to differentiate.
+    pub loss: V,
+    pub parts: MaeLoss,
+    /// `(N, kept, D)`: the encoder's output (after its final norm).
+    pub encoder_out: V,
+    /// `(N, L, u*p*p)`: every token's reconstruction.
+    pub pred: V,
+}
+
+impl Mae3d {
+    /// Registers every parameter, initialised from `seed`.
+    pub fn new(cfg: MaeConfig, store: &mut ParamStore, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let encoder = Vit::new(cfg.encoder.clone(), store, seed)?;
+        let mut rng = Rng::new(seed ^ 0xDEC0_DE);
+        let (d, dd) = (cfg.encoder.embed_dim, cfg.decoder_embed_dim);
+        let (t, h, w) = cfg.encoder.grid();
+        let decoder_embed = Linear::register(store, "decoder_embed", dd, d, &mut rng)?;
+        let mask_token = store.add("mask_token", &[1, 1, dd], rng.normals(dd, 0.02))?;
+        let decoder_pos = Pos::Separate {
+            spatial: store.add("decoder_pos_embed_spatial", &[1, h * w, dd], rng.normals(h * w * dd, 0.02))?,
+            temporal: store.add("decoder_pos_embed_temporal", &[1, t, dd], rng.normals(t * dd, 0.02))?,
+        };
+        let hidden = (dd as f64 * cfg.encoder.mlp_ratio) as usize;
+        let decoder_blocks = (0..cfg.decoder_depth)
+            .map(|i| {
+                Block::register(store, &format!("decoder_blocks.{i}"), dd, cfg.decoder_num_heads, hidden, &mut rng)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let decoder_norm = LayerNorm::register(store, "decoder_norm", dd)?;
+        let decoder_pred = Linear::register(store, "decoder_pred", cfg.encoder.token_dim(), dd, &mut rng)?;
+        Ok(Mae3d { cfg, encoder, decoder_embed, mask_token, decoder_pos, decoder_blocks, decoder_norm, decoder_pred })
+    }
+
+    /// Parameters of a model with `cfg`, counted without building it (matches [`Mae3d::new`]).
+    pub fn param_count(cfg: &MaeConfig) -> usize {
+        let (d, dd, td) = (cfg.encoder.embed_dim, cfg.decoder_embed_dim, cfg.encoder.token_dim());
+        let (t, h, w) = cfg.encoder.grid();
+        let hidden = (dd as f64 * cfg.encoder.mlp_ratio) as usize;
+        Vit::param_count(&cfg.encoder)
+            + (d * dd + dd)
+            + dd
+            + (h * w + t) * dd
+            + cfg.decoder_depth * sg_vit::model::block_params(dd, hidden)
+            + 2 * dd
+            + (dd * td + td)
+    }
+
+    /// The forward pass on patchified `tokens (N, L, u*p*p)` (also the reconstruction target)
+    /// with the given masking.
+    pub fn forward<E: Exec>(&self, e: &mut E, tokens: &Value<E::B>, m: &Masking) -> Result<MaeOutput<Value<E::B>>> {
+        let enc = &self.encoder;
+        let (n, l) = (m.batch, m.len);
+        if tokens.shape != [n, l, enc.cfg.token_dim()] {
+            return Err(TensorError::Shape {
+                op: "Mae3d::forward",
+                msg: format!("tokens {:?} with a masking of {n} x {l}", tokens.shape),
+            });
+        }
+        // Encoder on the visible tokens only.
+        let x = enc.embed(e, tokens)?;
+        let x = e.gather_rows(&x, &m.ids_keep)?;
+        let x = enc.blocks(e, &x)?;
+        let encoder_out = enc.norm.forward(e, &x)?;
+        // Decoder on every token.
+        let z = self.decoder_embed.forward(e, &encoder_out, Activation::Identity)?;
+        let fill = e.param(&self.mask_token)?;
+        let z = e.unshuffle(&z, &fill, &m.ids_restore)?;
+        let pos = self.decoder_pos.table(e)?;
+        let mut z = e.add_rows(&z, &pos)?;
+        for b in &self.decoder_blocks {
+            z = b.forward(e, &z, 0.0)?;
+        }
+        let z = self.decoder_norm.forward(e, &z)?;
+        let pred = self.decoder_pred.forward(e, &z, Activation::Identity)?;
+        let (t, _, _) = enc.cfg.grid();
+        let (loss, parts) = e.mae_loss(&pred, tokens, &m.mask, t)?;
+        Ok(MaeOutput { loss, parts, encoder_out, pred })
+    }
+}

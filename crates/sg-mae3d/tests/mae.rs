@@ -1,0 +1,84 @@
+//! Masking properties, parameter counts of SPEC's sizes, and gradients reaching every parameter.
+use proptest::prelude::*;
+use sg_autograd::Tape;
+use sg_mae3d::masking::kept;
+use sg_mae3d::{Mae3d, MaeConfig, Masking};
+use sg_tensor::backend::Cpu;
+use sg_tensor::{Exec, ParamStore};
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn masking_invariants(batch in 1usize..4, len in 1usize..700, ratio in 0.0f64..0.99, seed in any::<u64>()) {
+        let m = Masking::random(batch, len, ratio, seed).unwrap();
+        let keep = (len as f64 * (1.0 - ratio)) as usize;
+        prop_assert_eq!(m.keep, keep);
+        for n in 0..batch {
+            let sh = &m.ids_shuffle[n * len..(n + 1) * len];
+            let re = &m.ids_restore[n * len..(n + 1) * len];
+            // ids_restore inverts ids_shuffle.
+            for (pos, &tok) in sh.iter().enumerate() {
+                prop_assert_eq!(re[tok], pos);
+            }
+            let ones = m.mask[n * len..(n + 1) * len].iter().filter(|&&v| v == 1.0).count();
+            prop_assert_eq!(ones, len - keep);
+            for &k in &m.ids_keep[n * keep..(n + 1) * keep] {
+                prop_assert_eq!(m.mask[n * len + k], 0.0);
+            }
+        }
+        prop_assert_eq!(Masking::random(batch, len, ratio, seed).unwrap(), m, "the same noise gives the same mask");
+    }
+}
+
+#[test]
+fn spec_masking_counts_and_bad_ratios() {
+    assert_eq!(kept(576, 0.9), 57);
+    assert_eq!(kept(1024, 0.9), 102);
+    assert!(Masking::random(1, 10, 1.0, 0).is_err());
+    assert!(Masking::random(1, 10, -0.1, 0).is_err());
+    assert!(Masking::from_noise(&[0.1, f32::NAN], 1, 2, 0.5).is_err());
+    assert!(Masking::from_noise(&[0.1; 3], 1, 2, 0.5).is_err());
+}
+
+#[test]
+fn parameter_counts_equal_spec() {
+    let count = |name: &str, img: usize| Mae3d::param_count(&MaeConfig::preset(name, img).unwrap());
+    assert_eq!(count("base", 96), 98_496_960);
+    assert_eq!(count("base", 128), 98_640_320);
+    assert_eq!(count("large", 128), 316_142_784);
+    assert_eq!(count("huge", 128), 643_759_040);
+    // The count is the one the built model has (base is built: 394 MB of f32).
+    for (name, img) in [("tiny", 96), ("base", 96)] {
+        let cfg = MaeConfig::preset(name, img).unwrap();
+        let mut store = ParamStore::new();
+        Mae3d::new(cfg.clone(), &mut store, 0).unwrap();
+        assert_eq!(store.len(), Mae3d::param_count(&cfg), "{name}");
+    }
+}
+
+#[test]
+fn every_parameter_gets_a_nonzero_gradient() {
+    let mut cfg = MaeConfig::preset("tiny", 32).unwrap();
+    cfg.encoder.depth = 2;
+    cfg.mask_ratio = 0.75;
+    let mut store = ParamStore::new();
+    let model = Mae3d::new(cfg.clone(), &mut store, 3).unwrap();
+    let (n, l, td) = (2, cfg.encoder.tokens(), cfg.encoder.token_dim());
+    let x: Vec<f32> = (0..n * 12 * 32 * 32).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let tokens = model.encoder.tokens(&x, n).unwrap();
+    let m = Masking::random(n, l, cfg.mask_ratio, 5).unwrap();
+    let mut tape = Tape::new(Cpu, &store);
+    let t = tape.constant(&tokens, &[n, l, td]).unwrap();
+    let out = model.forward(&mut tape, &t, &m).unwrap();
+    assert!(out.parts.loss.is_finite() && out.parts.loss1 > 0.0 && out.parts.loss3 > 0.0);
+    let grads = tape.backward(&out.loss).unwrap();
+    for e in store.entries() {
+        // The key bias is the one parameter whose gradient is zero in exact arithmetic.
+        if e.name.ends_with("attn.k.bias") {
+            continue;
+        }
+        let norm: f64 = grads.buf[e.param.range()].iter().map(|&v| (v as f64).powi(2)).sum();
+        assert!(norm > 0.0, "{} gets no gradient", e.name);
+    }
+}

@@ -1,0 +1,14 @@
+//! `sg-vit`: SpectralGPT's spectral vision transformer for inference, on `sg-tensor` alone.
+//!
+//! - [`config`]: the named sizes and JSON configurations, validated;
+//! - [`tokens`]: 3D tokenisation (`patchify` / `unpatchify`) in the original's index order;
+//! - [`model`]: the encoder and classifier, written once over [`sg_tensor::Exec`] with the original
+//!   parameter names, loadable from safetensors with [`sg_tensor::io`].
+
+pub mod config;
+pub mod init;
+pub mod model;
+pub mod tokens;
+
+pub use config::{PosEmbed, VitConfig};
+pub use model::{Block, LayerNorm, Linear, Vit};

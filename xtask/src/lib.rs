@@ -1,0 +1,3 @@
+//! Project tasks behind `cargo xtask` (see `main.rs` for the commands).
+
+pub mod parity;
