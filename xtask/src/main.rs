@@ -2,6 +2,7 @@
 //!
 //! - `parity FIXTURE.safetensors...`: reproduce PyTorch reference dumps (forward and gradients);
 //!   exits non-zero if any tensor is outside its tolerance.
+//! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
 //! - `bench kernels [FILTER]`: the criterion benchmarks of `sg-tensor`'s kernels on ViT-B shapes;
 //!   throughput is printed in elements/s where one element is one floating-point operation.
 
@@ -9,6 +10,7 @@ use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage:
   cargo xtask parity FIXTURE.safetensors...
+  cargo xtask convert IN.pth OUT.safetensors
   cargo xtask bench kernels [FILTER]";
 
 fn parity(files: &[&str]) -> ExitCode {
@@ -49,6 +51,19 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["parity", files @ ..] => parity(files),
+        ["convert", input, output] => match xtask::convert::run(input, output) {
+            Ok(c) => {
+                println!("{output}: {} tensors, {} parameters", c.tensors, c.scalars);
+                if !c.skipped.is_empty() {
+                    println!("skipped (not tensors): {}", c.skipped.join(", "));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{input}: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         ["bench", "kernels", rest @ ..] => {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.args(["bench", "-p", "sg-benches", "--bench", "kernels", "--"]).args(rest);

@@ -125,7 +125,7 @@ impl Mae3d {
     pub fn new(cfg: MaeConfig, store: &mut ParamStore, seed: u64) -> Result<Self> {
         cfg.validate()?;
         let encoder = Vit::new(cfg.encoder.clone(), store, seed)?;
-        let mut rng = Rng::new(seed ^ 0xDEC0_DE);
+        let mut rng = Rng::new(seed ^ 0x00DE_C0DE);
         let (d, dd) = (cfg.encoder.embed_dim, cfg.decoder_embed_dim);
         let (t, h, w) = cfg.encoder.grid();
         let decoder_embed = Linear::register(store, "decoder_embed", dd, d, &mut rng)?;

@@ -18,6 +18,7 @@ pub mod io;
 pub mod kernels;
 pub mod par;
 pub mod params;
+pub mod pth;
 pub mod simd;
 pub mod tensor;
 

@@ -94,7 +94,7 @@ impl VitConfig {
         if self.embed_dim == 0 || self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
             return Err(err(format!("embed_dim {} does not split into {} heads", self.embed_dim, self.num_heads)));
         }
-        if !(self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {
+        if self.mlp_ratio.is_nan() || self.mlp_ratio <= 0.0 || self.mlp_hidden() == 0 {
             return Err(err(format!("mlp_ratio {} gives no hidden units", self.mlp_ratio)));
         }
         for (name, r) in [("drop_path", self.drop_path), ("head_dropout", self.head_dropout)] {
