@@ -25,10 +25,13 @@ struct Entry {
     size: u64,
 }
 
+trait ReadSeek: Read + Seek {}
+impl<T: Read + Seek> ReadSeek for T {}
+
 /// A zip archive of stored (uncompressed) entries, read on demand.
 struct Zip {
     path: PathBuf,
-    file: File,
+    file: Box<dyn ReadSeek>,
     entries: HashMap<String, Entry>,
 }
 
@@ -45,8 +48,13 @@ fn u64le(b: &[u8], i: usize) -> u64 {
 impl Zip {
     fn open(path: &Path) -> Result<Self> {
         let io = |e: std::io::Error| TensorError::Io { path: path.display().to_string(), msg: e.to_string() };
-        let mut file = File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let file = File::open(path).map_err(io)?;
+        Self::new(Box::new(file), path)
+    }
+
+    fn new(mut file: Box<dyn ReadSeek>, path: &Path) -> Result<Self> {
+        let io = |e: std::io::Error| TensorError::Io { path: path.display().to_string(), msg: e.to_string() };
+        let len = file.seek(SeekFrom::End(0)).map_err(io)?;
         // The end-of-central-directory record is within the last 64 KiB + 22 bytes.
         let tail_len = len.min(65_557 + 20);
         let mut tail = vec![0u8; tail_len as usize];
@@ -66,7 +74,7 @@ impl Zip {
             let z64 = u64le(&tail, loc + 8);
             let mut rec = [0u8; 56];
             file.seek(SeekFrom::Start(z64)).map_err(io)?;
-            file.read_exact(&mut rec).map_err(io)?;
+            file.read_exact(&mut rec).map_err(|_| bad(path, "zip64 end record lies outside the file"))?;
             if u32le(&rec, 0) != 0x0606_4b50 {
                 return Err(bad(path, "corrupt zip64 end record"));
             }
@@ -79,7 +87,7 @@ impl Zip {
         }
         let mut cd = vec![0u8; cd_size as usize];
         file.seek(SeekFrom::Start(cd_offset)).map_err(io)?;
-        file.read_exact(&mut cd).map_err(io)?;
+        file.read_exact(&mut cd).map_err(|_| bad(path, "central directory is truncated"))?;
         let mut entries = HashMap::new();
         let mut i = 0usize;
         for _ in 0..count {
@@ -128,7 +136,7 @@ impl Zip {
             if u32le(&lh, 0) != 0x0403_4b50 {
                 return Err(bad(path, format!("entry `{name}` has no local header")));
             }
-            let data = local + 30 + u16le(&lh, 26) as u64 + u16le(&lh, 28) as u64;
+            let data = local.saturating_add(30 + u16le(&lh, 26) as u64 + u16le(&lh, 28) as u64);
             if data.checked_add(csize).is_none_or(|e| e > len) {
                 return Err(bad(path, format!("entry `{name}` is truncated")));
             }
@@ -212,7 +220,30 @@ impl PyValue {
     }
 }
 
-const MAX_DEPTH_ITEMS: usize = 1 << 26;
+/// Limits that keep a hostile pickle from exhausting memory: values on the stack and in lists,
+/// and values copied out of the memo (each copy is a deep clone).
+const MAX_DEPTH_ITEMS: usize = 1 << 22;
+const MAX_CLONED_NODES: usize = 1 << 24;
+
+/// Nodes of a value (for the clone budget).
+fn weight(v: &PyValue) -> usize {
+    match v {
+        PyValue::Tuple(x) | PyValue::List(x) => 1 + x.iter().map(weight).sum::<usize>(),
+        PyValue::Dict(x) => 1 + x.iter().map(|(k, v)| weight(k) + weight(v)).sum::<usize>(),
+        PyValue::Object { args, state, .. } => {
+            1 + args.iter().map(weight).sum::<usize>() + state.as_deref().map_or(0, weight)
+        }
+        PyValue::Tensor { storage, .. } => 1 + weight(storage),
+        PyValue::Str(s) => 1 + s.len() / 64,
+        PyValue::Bytes(b) => 1 + b.len() / 64,
+        _ => 1,
+    }
+}
+
+/// Runs a pickle held in memory (the checkpoint's `data.pkl`); `name` labels errors.
+pub fn parse_pickle(data: &[u8], name: &str) -> Result<PyValue> {
+    unpickle(data, Path::new(name))
+}
 
 /// Runs a pickle; `persistent` resolves `BINPERSID` ids (torch's storages).
 fn unpickle(data: &[u8], path: &Path) -> Result<PyValue> {
@@ -221,10 +252,11 @@ fn unpickle(data: &[u8], path: &Path) -> Result<PyValue> {
     let mut marks: Vec<usize> = Vec::new();
     let mut memo: HashMap<u64, PyValue> = HashMap::new();
     let mut i = 0usize;
+    let mut cloned = 0usize;
     macro_rules! take {
         ($n:expr) => {{
-            let n = $n;
-            if i + n > data.len() {
+            let n: usize = $n;
+            if n > data.len() - i {
                 return Err(err(i, "ends in the middle of an instruction (truncated?)"));
             }
             let s = &data[i..i + n];
@@ -395,6 +427,10 @@ fn unpickle(data: &[u8], path: &Path) -> Result<PyValue> {
             }
             b'2' => {
                 let v = stack.last().cloned().ok_or_else(|| err(pos, "DUP of an empty stack"))?;
+                cloned += weight(&v);
+                if cloned > MAX_CLONED_NODES {
+                    return Err(err(pos, "copies values beyond any checkpoint's size"));
+                }
                 stack.push(v)
             }
             b'q' | b'r' | 0x94 => {
@@ -404,11 +440,19 @@ fn unpickle(data: &[u8], path: &Path) -> Result<PyValue> {
                     _ => memo.len() as u64,
                 };
                 let v = stack.last().cloned().ok_or_else(|| err(pos, "PUT of an empty stack"))?;
+                cloned += weight(&v);
+                if cloned > MAX_CLONED_NODES {
+                    return Err(err(pos, "copies values beyond any checkpoint's size"));
+                }
                 memo.insert(key, v);
             }
             b'h' | b'j' => {
                 let key = if op == b'h' { take!(1)[0] as u64 } else { u32le(take!(4), 0) as u64 };
                 let v = memo.get(&key).cloned().ok_or_else(|| err(pos, "GET of an unknown memo key"))?;
+                cloned += weight(&v);
+                if cloned > MAX_CLONED_NODES {
+                    return Err(err(pos, "copies values beyond any checkpoint's size"));
+                }
                 stack.push(v)
             }
             b'c' => {
@@ -532,7 +576,16 @@ pub struct PthTensor {
 impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let mut zip = Zip::open(path)?;
+        Self::from_zip(Zip::open(path)?, path)
+    }
+
+    /// A checkpoint held in memory (`name` labels errors).
+    pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<Self> {
+        let path = Path::new(name);
+        Self::from_zip(Zip::new(Box::new(std::io::Cursor::new(bytes)), path)?, path)
+    }
+
+    fn from_zip(mut zip: Zip, path: &Path) -> Result<Self> {
         let pkl = zip
             .entries
             .keys()
@@ -594,7 +647,7 @@ impl Checkpoint {
             other => return Err(bad(&path, format!("tensor `{name}` is stored as {other}, not floating point"))),
         };
         let bytes = self.zip.read(&format!("{}data/{key}", self.prefix))?;
-        if bytes.len() < numel * elem {
+        if numel.checked_mul(elem).is_none_or(|b| bytes.len() < b) {
             return Err(bad(&path, format!("storage {key} of `{name}` is truncated")));
         }
         let at = |i: usize| -> f32 {
@@ -606,11 +659,23 @@ impl Checkpoint {
                 _ => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
             }
         };
-        let n: usize = size.iter().product();
+        let n = size.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
         // The furthest element addressed must lie inside the storage.
-        let last = offset + size.iter().zip(stride).map(|(&s, &st)| s.saturating_sub(1) * st).sum::<usize>();
+        let last = size
+            .iter()
+            .zip(stride)
+            .try_fold(offset, |a, (&s, &st)| a.checked_add(s.saturating_sub(1).checked_mul(st)?));
+        let (n, last) = match (n, last) {
+            (Some(n), Some(l)) => (n, l),
+            _ => return Err(bad(&path, format!("tensor `{name}` has an impossible size {size:?}"))),
+        };
         if n > 0 && last >= numel {
             return Err(bad(&path, format!("tensor `{name}` reaches past its storage")));
+        }
+        // Broadcast (stride-0) views can address few elements many times; a state dict has none
+        // larger than this, and a hostile one must not allocate terabytes.
+        if n > numel.max(1).saturating_mul(64) {
+            return Err(bad(&path, format!("tensor `{name}` of {n} elements over a storage of {numel}")));
         }
         let mut out = Vec::with_capacity(n);
         let mut idx = vec![0usize; size.len()];

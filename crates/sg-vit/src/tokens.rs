@@ -29,6 +29,9 @@ impl TokenGeometry {
         if bands % u != 0 {
             return bad(format!("{bands} bands are not a multiple of {u} bands per token"));
         }
+        if [batch, bands, height, width].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
+            return bad(format!("{batch} images of {bands} x {height} x {width} overflow the address space"));
+        }
         Ok(g)
     }
 
