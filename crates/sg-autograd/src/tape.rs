@@ -611,9 +611,10 @@ impl<B: Backend> Exec for Tape<'_, B> {
         target: &Value<B>,
         mask: &[f32],
         groups: usize,
+        spectral_angle: Option<sg_tensor::backend::SpectralAngle>,
     ) -> Result<(Value<B>, sg_tensor::backend::MaeLoss)> {
         let pn = self.check_node(pred)?;
-        let dims = fwd::mae_dims(pred, target, mask, groups)?;
+        let dims = fwd::mae_dims(pred, target, mask, groups, spectral_angle)?;
         let l = self.backend.mae_loss(&pred.buf, &target.buf, mask, dims)?;
         let v = fwd::value(self.backend.scalar(l.loss), vec![]);
         Ok(match pn {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use sg_autograd::Tape;
-use sg_tensor::backend::{Backend, Cpu, CpuF64};
+use sg_tensor::backend::{Backend, Cpu, CpuF64, SpectralAngle};
 use sg_tensor::kernels::linear::Activation;
 use sg_tensor::{Eval, Exec, ParamRef, ParamStore, Result, Value};
 
@@ -35,7 +35,7 @@ fn probe<E: Exec>(e: &mut E, v: &Value<E::B>, seed: u64) -> Result<Value<E::B>> 
     let target = e.constant(&rand_vec(seed, rows * cols, 1.0), &[1, rows, cols])?;
     let mut mask: Vec<f32> = rand_vec(seed ^ 1, rows, 1.0).iter().map(|&m| f32::from(m > 0.0)).collect();
     mask[0] = 1.0;
-    Ok(e.mae_loss(&p, &target, &mask, 1)?.0)
+    Ok(e.mae_loss(&p, &target, &mask, 1, None)?.0)
 }
 
 const SEED: u64 = 1234;
@@ -192,6 +192,7 @@ struct BlockG {
     fc2: (ParamRef, ParamRef),
     heads: usize,
     groups: usize,
+    sam: Option<SpectralAngle>,
 }
 impl Graph for BlockG {
     fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
@@ -207,7 +208,7 @@ impl Graph for BlockG {
         let y = e.add(&x, &h)?;
         let target = e.constant(&rand_vec(9, y.numel(), 1.0), &y.shape)?;
         let mask: Vec<f32> = (0..y.shape[0] * y.shape[1]).map(|i| f32::from(i % 3 != 0)).collect();
-        Ok(e.mae_loss(&y, &target, &mask, self.groups)?.0)
+        Ok(e.mae_loss(&y, &target, &mask, self.groups, self.sam)?.0)
     }
 }
 
@@ -245,6 +246,7 @@ fn block(seed: u64, b: usize, t: usize, d: usize, heads: usize) -> (Check, Block
         fc2: (r[15].clone(), r[16].clone()),
         heads,
         groups: if t % 2 == 0 { 2 } else { 1 },
+        sam: None,
     };
     (c, g)
 }
@@ -385,6 +387,15 @@ proptest! {
     }
 
     #[test]
+    fn mae_loss_with_spectral_angle_grads(seed in any::<u64>(), b in 1usize..3, t in 1usize..4, heads in 1usize..3, pixels in 1usize..3) {
+        // A block whose output width is a multiple of `pixels`: each token is `pixels` pixels of
+        // `width / pixels` bands, each pixel's spectrum spans the spectral groups.
+        let (c, mut g) = block(seed, b, 2 * t, 2 * heads * pixels, heads);
+        g.sam = Some(SpectralAngle { weight: 0.7, pixels });
+        c.run(&g);
+    }
+
+    #[test]
     fn transformer_block_grads(seed in any::<u64>(), b in 1usize..3, t in 1usize..5, heads in 1usize..3, hd in 1usize..3) {
         let (c, g) = block(seed, b, t, heads * hd, heads);
         c.run(&g);
@@ -511,4 +522,25 @@ fn losses_match_worked_values() {
     let (_, l) = e.weighted_cross_entropy(&z, &[255, 255], &[1.0, 5.0, 0.5], 255).unwrap();
     assert_eq!(l, 0.0);
     assert!(e.weighted_cross_entropy(&z, &[7, 0], &[1.0, 5.0, 0.5], 255).is_err(), "label 7 of 3 classes");
+}
+
+#[test]
+fn spectral_angle_worked_values() {
+    // One image, one group, one token of 2 pixels x 2 bands (feature a * 2 + q).
+    let (c, r) = Check::new(&[("p", vec![1, 1, 4])], 1);
+    let s = c.store.clone();
+    let sa = Some(SpectralAngle { weight: 1.0, pixels: 2 });
+    let run = |s: &ParamStore, pred: [f32; 4], target: [f32; 4]| {
+        let mut s = s.clone();
+        s.data_mut().copy_from_slice(&pred);
+        let mut e = Eval::new(Cpu, &s);
+        let p = e.param(&r[0]).unwrap();
+        let t = e.constant(&target, &[1, 1, 4]).unwrap();
+        e.mae_loss(&p, &t, &[0.0], 1, sa).unwrap().1.sam
+    };
+    // Pixel 0: bands (1, 0) vs (2, 0); pixel 1: (0, 3) vs (0, 6): same directions, angle 0.
+    assert!(run(&s, [1.0, 0.0, 0.0, 3.0], [2.0, 0.0, 0.0, 6.0]).abs() < 1e-12);
+    // Pixel 0: (1, 0) vs (0, 1): pi/2; pixel 1: (1, 1) vs (1, 1): 0; mean pi/4.
+    let v = run(&s, [1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]);
+    assert!((v - std::f64::consts::FRAC_PI_4).abs() < 1e-7, "{v}");
 }

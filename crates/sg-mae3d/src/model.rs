@@ -5,18 +5,20 @@
 //!        -> decoder_embed -> + mask_token, unshuffle -> + decoder pos -> decoder_blocks
 //!        -> decoder_norm -> decoder_pred                                                   (pred)
 //! loss = loss1 (masked tokens, token to token) + loss3 (spectral groups summed, all tokens)
+//!        [+ w * mean spectral angle of every pixel, off by default]
 //! ```
 //! Parameter names are the original's: the encoder's (see `sg_vit::model`), then `decoder_embed`,
 //! `mask_token`, `decoder_pos_embed_spatial`, `decoder_pos_embed_temporal`, `decoder_blocks.N.*`,
 //! `decoder_norm`, `decoder_pred`.
 
 use serde_json::Value as Json;
-use sg_tensor::backend::MaeLoss;
+use sg_tensor::backend::{MaeLoss, SpectralAngle};
 use sg_tensor::kernels::linear::Activation;
 use sg_tensor::{Exec, ParamRef, ParamStore, Result, TensorError, Value};
 use sg_vit::config::{PosEmbed, VitConfig};
 use sg_vit::init::Rng;
 use sg_vit::model::{Block, LayerNorm, Linear, Pos, Vit};
+use sg_vit::tokens::{unpatchify, TokenGeometry};
 
 use crate::masking::Masking;
 
@@ -28,6 +30,8 @@ pub struct MaeConfig {
     pub decoder_depth: usize,
     pub decoder_num_heads: usize,
     pub mask_ratio: f64,
+    /// Weight of the optional spectral-angle term (0: off, the original's loss).
+    pub spectral_angle_weight: f64,
 }
 
 impl MaeConfig {
@@ -37,7 +41,14 @@ impl MaeConfig {
         let encoder = VitConfig::preset(name, img)?;
         let (decoder_embed_dim, decoder_depth, decoder_num_heads) =
             if name == "tiny" { (128, 2, 4) } else { (512, 4, 16) };
-        let c = MaeConfig { encoder, decoder_embed_dim, decoder_depth, decoder_num_heads, mask_ratio: 0.9 };
+        let c = MaeConfig {
+            encoder,
+            decoder_embed_dim,
+            decoder_depth,
+            decoder_num_heads,
+            mask_ratio: 0.9,
+            spectral_angle_weight: 0.0,
+        };
         c.validate()?;
         Ok(c)
     }
@@ -56,6 +67,9 @@ impl MaeConfig {
         }
         if !(0.0..1.0).contains(&self.mask_ratio) {
             return bad(format!("mask_ratio {} is outside [0, 1)", self.mask_ratio));
+        }
+        if !self.spectral_angle_weight.is_finite() || self.spectral_angle_weight < 0.0 {
+            return bad(format!("spectral_angle_weight {} must be a non-negative number", self.spectral_angle_weight));
         }
         if super::masking::kept(self.encoder.tokens(), self.mask_ratio) == 0 {
             return bad(format!("mask_ratio {} keeps no token of {}", self.mask_ratio, self.encoder.tokens()));
@@ -78,6 +92,12 @@ impl MaeConfig {
                     as usize;
             }
         }
+        if let Some(v) = j.get("spectral_angle_weight") {
+            self.spectral_angle_weight = v.as_f64().ok_or_else(|| TensorError::Arg {
+                op: "config",
+                msg: "`spectral_angle_weight` must be a number".into(),
+            })?;
+        }
         if let Some(v) = j.get("mask_ratio") {
             self.mask_ratio = v
                 .as_f64()
@@ -92,6 +112,7 @@ impl MaeConfig {
         j["decoder_depth"] = self.decoder_depth.into();
         j["decoder_num_heads"] = self.decoder_num_heads.into();
         j["mask_ratio"] = self.mask_ratio.into();
+        j["spectral_angle_weight"] = self.spectral_angle_weight.into();
         j
     }
 }
@@ -145,6 +166,49 @@ impl Mae3d {
         Ok(Mae3d { cfg, encoder, decoder_embed, mask_token, decoder_pos, decoder_blocks, decoder_norm, decoder_pred })
     }
 
+    /// Images `(N, bands, H, W)` from tokens `(N, L, u*p*p)` (a reconstruction, or any token map).
+    pub fn images(&self, tokens: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let c = &self.cfg.encoder;
+        let g = TokenGeometry::new(batch, c.bands, c.img_size.0, c.img_size.1, c.patch_size, c.t_patch_size)?;
+        unpatchify(tokens, &g)
+    }
+
+    /// Tokens for showing a reconstruction: visible tokens from `input`, masked ones from `pred`
+    /// (`paste_visible`), or the input with masked tokens set to `fill` (`pred = None`).
+    pub fn compose(&self, input: &[f32], pred: Option<&[f32]>, m: &Masking, fill: f32) -> Result<Vec<f32>> {
+        let td = self.cfg.encoder.token_dim();
+        let n = m.batch * m.len * td;
+        if input.len() != n || pred.is_some_and(|p| p.len() != n) {
+            return Err(TensorError::Shape {
+                op: "Mae3d::compose",
+                msg: format!(
+                    "tokens of {} values for a masking of {} x {} tokens of {td}",
+                    input.len(),
+                    m.batch,
+                    m.len
+                ),
+            });
+        }
+        let mut out = input.to_vec();
+        for (t, &masked) in m.mask.iter().enumerate() {
+            if masked != 0.0 {
+                let r = t * td..(t + 1) * td;
+                match pred {
+                    Some(p) => out[r.clone()].copy_from_slice(&p[r]),
+                    None => out[r].fill(fill),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The spectral-angle term of the loss, when its weight is not 0.
+    pub fn spectral_angle(&self) -> Option<SpectralAngle> {
+        let w = self.cfg.spectral_angle_weight;
+        (w > 0.0)
+            .then_some(SpectralAngle { weight: w, pixels: self.cfg.encoder.patch_size * self.cfg.encoder.patch_size })
+    }
+
     /// Parameters of a model with `cfg`, counted without building it (matches [`Mae3d::new`]).
     pub fn param_count(cfg: &MaeConfig) -> usize {
         let (d, dd, td) = (cfg.encoder.embed_dim, cfg.decoder_embed_dim, cfg.encoder.token_dim());
@@ -187,7 +251,7 @@ impl Mae3d {
         let z = self.decoder_norm.forward(e, &z)?;
         let pred = self.decoder_pred.forward(e, &z, Activation::Identity)?;
         let (t, _, _) = enc.cfg.grid();
-        let (loss, parts) = e.mae_loss(&pred, tokens, &m.mask, t)?;
+        let (loss, parts) = e.mae_loss(&pred, tokens, &m.mask, t, self.spectral_angle())?;
         Ok(MaeOutput { loss, parts, encoder_out, pred })
     }
 }

@@ -82,3 +82,28 @@ fn every_parameter_gets_a_nonzero_gradient() {
         assert!(norm > 0.0, "{} gets no gradient", e.name);
     }
 }
+
+#[test]
+fn reconstructions_become_images() {
+    let cfg = MaeConfig::preset("tiny", 16).unwrap();
+    let mut store = ParamStore::new();
+    let model = Mae3d::new(cfg.clone(), &mut store, 1).unwrap();
+    let x: Vec<f32> = (0..2 * 12 * 16 * 16).map(|i| i as f32).collect();
+    let tokens = model.encoder.tokens(&x, 2).unwrap();
+    assert_eq!(model.images(&tokens, 2).unwrap(), x);
+    let m = Masking::random(2, cfg.encoder.tokens(), 0.5, 1).unwrap();
+    let masked = model.compose(&tokens, None, &m, -1.0).unwrap();
+    let pred = vec![7.0; tokens.len()];
+    let pasted = model.compose(&tokens, Some(&pred), &m, 0.0).unwrap();
+    let td = cfg.encoder.token_dim();
+    for (t, &mv) in m.mask.iter().enumerate() {
+        let r = t * td..(t + 1) * td;
+        if mv == 1.0 {
+            assert!(masked[r.clone()].iter().all(|&v| v == -1.0) && pasted[r].iter().all(|&v| v == 7.0));
+        } else {
+            assert_eq!(&masked[r.clone()], &tokens[r.clone()]);
+            assert_eq!(&pasted[r.clone()], &tokens[r]);
+        }
+    }
+    assert!(model.compose(&tokens[1..], None, &m, 0.0).is_err());
+}

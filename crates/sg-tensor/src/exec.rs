@@ -4,7 +4,7 @@
 //! the same trait, runs the same forward functions ([`fwd`]) keeping what its backward needs, and
 //! records each op.
 
-use crate::backend::{Backend, MaeLoss, MaeLossDims, Slice};
+use crate::backend::{Backend, MaeLoss, MaeLossDims, Slice, SpectralAngle};
 use crate::error::{Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::linear::Activation;
@@ -82,13 +82,15 @@ pub trait Exec {
     fn permute(&mut self, x: &Value<Self::B>, perm: &[usize]) -> Result<Value<Self::B>>;
     /// The same data with another shape of equal size.
     fn reshape(&mut self, x: &Value<Self::B>, shape: &[usize]) -> Result<Value<Self::B>>;
-    /// SpectralGPT's loss of `pred (batch, groups * s, f)` against `target` with `mask` (1 = masked).
+    /// SpectralGPT's loss of `pred (batch, groups * s, f)` against `target` with `mask` (1 = masked),
+    /// with the optional spectral-angle term.
     fn mae_loss(
         &mut self,
         pred: &Value<Self::B>,
         target: &Value<Self::B>,
         mask: &[f32],
         groups: usize,
+        spectral_angle: Option<SpectralAngle>,
     ) -> Result<(Value<Self::B>, MaeLoss)>;
     /// Mean cross-entropy of `logits (batch, classes)` against target distributions (`batch x classes`):
     /// one-hot, label-smoothed or mixed targets.
@@ -292,6 +294,7 @@ pub mod fwd {
         target: &Value<B>,
         mask: &[f32],
         groups: usize,
+        spectral_angle: Option<SpectralAngle>,
     ) -> Result<MaeLossDims> {
         let (b, l, f) = bld("mae_loss", pred)?;
         if target.shape != pred.shape || groups == 0 || l % groups != 0 || mask.len() != b * l {
@@ -305,7 +308,7 @@ pub mod fwd {
                 ),
             );
         }
-        Ok(MaeLossDims { batch: b, groups, spatial: l / groups, feat: f })
+        Ok(MaeLossDims { batch: b, groups, spatial: l / groups, feat: f, spectral_angle })
     }
 
     /// The classes of `(rows, classes)` logits for `labels` (one per row).
@@ -415,8 +418,9 @@ impl<B: Backend> Exec for Eval<'_, B> {
         target: &Value<B>,
         mask: &[f32],
         groups: usize,
+        spectral_angle: Option<SpectralAngle>,
     ) -> Result<(Value<B>, MaeLoss)> {
-        let d = fwd::mae_dims(pred, target, mask, groups)?;
+        let d = fwd::mae_dims(pred, target, mask, groups, spectral_angle)?;
         let l = self.backend.mae_loss(&pred.buf, &target.buf, mask, d)?;
         Ok((fwd::value(self.backend.scalar(l.loss), vec![]), l))
     }

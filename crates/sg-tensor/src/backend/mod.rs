@@ -83,20 +83,32 @@ pub(crate) fn split_two<T>(
 
 /// Dimensions of the MAE reconstruction loss: `batch` images of `groups` spectral groups of
 /// `spatial` tokens, each token `feat` values (`u * p * p`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MaeLossDims {
     pub batch: usize,
     pub groups: usize,
     pub spatial: usize,
     pub feat: usize,
+    /// The optional spectral-angle term (off when `None`).
+    pub spectral_angle: Option<SpectralAngle>,
 }
 
-/// Values of the MAE loss: `loss = loss1 + loss3`.
+/// The spectral-angle term: `weight` times the mean over pixels of the angle between predicted and
+/// target spectra; a token holds `pixels` (`p * p`) pixels of `feat / pixels` bands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpectralAngle {
+    pub weight: f64,
+    pub pixels: usize,
+}
+
+/// Values of the MAE loss: `loss = loss1 + loss3 (+ weight * sam)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MaeLoss {
     pub loss: f64,
     pub loss1: f64,
     pub loss3: f64,
+    /// The mean spectral angle in radians (0 when the term is off).
+    pub sam: f64,
 }
 
 /// Buffers and the coarse kernels that the ops of [`crate::exec::Exec`] need, forward and backward.
@@ -322,6 +334,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
 fn check_mae(pred: usize, target: usize, mask: usize, d: MaeLossDims) -> Result<()> {
     let op = "mae_loss";
+    if let Some(sa) = d.spectral_angle {
+        if sa.pixels == 0 || d.feat % sa.pixels != 0 || !sa.weight.is_finite() || sa.weight < 0.0 {
+            return Err(crate::error::TensorError::Arg {
+                op,
+                msg: format!(
+                    "spectral angle over {} pixels of {}-value tokens, weight {}",
+                    sa.pixels, d.feat, sa.weight
+                ),
+            });
+        }
+    }
     let tokens = d.batch * d.groups * d.spatial;
     crate::error::check_len(op, "pred", pred, tokens * d.feat)?;
     crate::error::check_len(op, "target", target, tokens * d.feat)?;
@@ -363,7 +386,57 @@ pub(crate) fn mae_loss_generic<T: Copy + Into<f64>>(
         }
     }
     let loss3 = l3 / (d.batch * s * f).max(1) as f64;
-    Ok(MaeLoss { loss: loss1 + loss3, loss1, loss3 })
+    let (sam, w) = match d.spectral_angle {
+        Some(sa) if sa.weight > 0.0 => {
+            let mut total = 0.0;
+            let count = for_each_spectrum(pred, target, d, sa.pixels, |_, c, _, _| total += c.acos());
+            (total / count.max(1) as f64, sa.weight)
+        }
+        _ => (0.0, 0.0),
+    };
+    Ok(MaeLoss { loss: loss1 + loss3 + w * sam, loss1, loss3, sam })
+}
+
+/// Within this distance of +-1 the cosine gets no gradient: arccos has an infinite slope there
+/// (identical or opposite spectra). The loss value itself uses the exact angle.
+const SAM_CLAMP: f64 = 1e-7;
+
+/// Visits every pixel's spectrum: `f(indices, cos, |p|^2, |t|^2)` with the element indices of its
+/// bands in token layout. Spectra with a zero norm have no angle and are skipped; returns how many
+/// pixels there are in all (the mean's denominator).
+fn for_each_spectrum<T: Copy + Into<f64>>(
+    pred: &[T],
+    target: &[T],
+    d: MaeLossDims,
+    pixels: usize,
+    mut f: impl FnMut(&[usize], f64, f64, f64),
+) -> usize {
+    let (g, s, feat) = (d.groups, d.spatial, d.feat);
+    let u = feat / pixels;
+    let mut idx = Vec::with_capacity(g * u);
+    for n in 0..d.batch {
+        for si in 0..s {
+            for q in 0..pixels {
+                idx.clear();
+                for gi in 0..g {
+                    for a in 0..u {
+                        idx.push(((n * g + gi) * s + si) * feat + a * pixels + q);
+                    }
+                }
+                let (mut dot, mut pp, mut tt) = (0.0, 0.0, 0.0);
+                for &i in &idx {
+                    let (p, t) = (pred[i].into(), target[i].into());
+                    dot += p * t;
+                    pp += p * p;
+                    tt += t * t;
+                }
+                if pp > 0.0 && tt > 0.0 {
+                    f(&idx, (dot / (pp * tt).sqrt()).clamp(-1.0, 1.0), pp, tt);
+                }
+            }
+        }
+    }
+    d.batch * s * pixels
 }
 
 /// `put(i, scale * d loss / d pred[i])` for every element.
@@ -380,6 +453,23 @@ pub(crate) fn mae_loss_backward_generic<T: Copy + Into<f64>>(
     let msum: f64 = mask.iter().map(|&m| m as f64).sum();
     let c1 = if msum > 0.0 { 2.0 * scale / (f as f64 * msum) } else { 0.0 };
     let c3 = 2.0 * scale / (d.batch * s * f).max(1) as f64;
+    // The spectral-angle term's gradient, element by element (zero when it is off).
+    let mut sam_grad = vec![0.0; pred.len()];
+    if let Some(sa) = d.spectral_angle.filter(|sa| sa.weight > 0.0) {
+        let total = d.batch * s * sa.pixels;
+        let k = scale * sa.weight / total.max(1) as f64;
+        for_each_spectrum(pred, target, d, sa.pixels, |idx, c, pp, tt| {
+            if c.abs() >= 1.0 - SAM_CLAMP {
+                return;
+            }
+            // d acos(c) = -dc / sqrt(1 - c^2); dc/dp_i = t_i / (|p||t|) - c p_i / |p|^2.
+            let da = -1.0 / (1.0 - c * c).sqrt();
+            let nrm = (pp * tt).sqrt();
+            for &i in idx {
+                sam_grad[i] = k * da * (target[i].into() / nrm - c * pred[i].into() / pp);
+            }
+        });
+    }
     for n in 0..d.batch {
         for si in 0..s {
             for j in 0..f {
@@ -388,7 +478,7 @@ pub(crate) fn mae_loss_backward_generic<T: Copy + Into<f64>>(
                 for gi in 0..g {
                     let i = idx(gi);
                     let m = mask[i / f] as f64;
-                    put(i, c1 * m * (pred[i].into() - target[i].into()) + c3 * diff);
+                    put(i, c1 * m * (pred[i].into() - target[i].into()) + c3 * diff + sam_grad[i]);
                 }
             }
         }
