@@ -1,0 +1,14 @@
+//! `sg-data`: real Sentinel-2 datasets for SpectralGPT, read in pure Rust (no GDAL).
+//!
+//! - [`raster`]: GeoTIFF rasters (pixel-interleaved or planar) as f32 band planes;
+//! - [`bands`]: named bands and the model's order (B1..B8, B8A, B9, B11, B12; B10 dropped);
+//! - [`eurosat`]: EuroSAT-MS class folders and split files;
+//! - [`normalize`]: per-image min-max, z-score and mean +- 2 std, statistics looked up by band name.
+
+pub mod bands;
+pub mod eurosat;
+pub mod normalize;
+pub mod raster;
+
+pub use bands::{Band, MODEL_BANDS};
+pub use raster::{read_tiff, Raster};
