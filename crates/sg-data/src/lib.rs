@@ -3,12 +3,16 @@
 //! - [`raster`]: GeoTIFF rasters (pixel-interleaved or planar) as f32 band planes;
 //! - [`bands`]: named bands and the model's order (B1..B8, B8A, B9, B11, B12; B10 dropped);
 //! - [`eurosat`]: EuroSAT-MS class folders and split files;
+//! - [`bigearthnet`]: BigEarthNet-S2 patches (bands to 120 x 120 by bicubic), the 19-class labels;
+//! - [`resample`]: nearest, bilinear and bicubic resizing with PyTorch's conventions;
 //! - [`normalize`]: per-image min-max, z-score and mean +- 2 std, statistics looked up by band name.
 
 pub mod bands;
+pub mod bigearthnet;
 pub mod eurosat;
 pub mod normalize;
 pub mod raster;
+pub mod resample;
 
 pub use bands::{Band, MODEL_BANDS};
 pub use raster::{read_tiff, Raster};
