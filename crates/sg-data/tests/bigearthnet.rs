@@ -34,8 +34,8 @@ fn nomenclature_maps_43_labels_onto_19() {
         dropped, 11,
         "roads, ports, airports, mines, dumps, construction, green urban, sport, bare rock, burnt, intertidal"
     );
-    for k in 0..19 {
-        assert!(LABELS_43.iter().any(|(_, c)| *c == Some(k)), "{} has no source label", CLASSES_19[k]);
+    for (k, name) in CLASSES_19.iter().enumerate() {
+        assert!(LABELS_43.iter().any(|(_, c)| *c == Some(k)), "{name} has no source label");
     }
     let t = labels_19(&["Sea and ocean".into(), "Estuaries".into(), "Bare rock".into()]).unwrap();
     assert_eq!(t.iter().sum::<f32>(), 1.0);
