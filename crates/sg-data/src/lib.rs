@@ -5,11 +5,15 @@
 //! - [`eurosat`]: EuroSAT-MS class folders and split files;
 //! - [`bigearthnet`]: BigEarthNet-S2 patches (bands to 120 x 120 by bicubic), the 19-class labels;
 //! - [`resample`]: nearest, bilinear and bicubic resizing with PyTorch's conventions;
+//! - [`augment`]: random resized crop, flips and rotations (masks transformed identically), eval crops;
+//! - [`loader`]: seeded, prefetching, streaming batches from any dataset, with bad samples skipped on request;
 //! - [`normalize`]: per-image min-max, z-score and mean +- 2 std, statistics looked up by band name.
 
+pub mod augment;
 pub mod bands;
 pub mod bigearthnet;
 pub mod eurosat;
+pub mod loader;
 pub mod normalize;
 pub mod raster;
 pub mod resample;

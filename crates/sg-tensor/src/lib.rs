@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod par;
 pub mod params;
 pub mod pth;
+pub mod rng;
 pub mod simd;
 pub mod tensor;
 

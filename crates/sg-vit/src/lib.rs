@@ -6,7 +6,10 @@
 //!   parameter names, loadable from safetensors with [`sg_tensor::io`].
 
 pub mod config;
-pub mod init;
+/// The seeded generator behind initialisation (it lives in `sg-tensor`, shared with data loading).
+pub mod init {
+    pub use sg_tensor::rng::Rng;
+}
 pub mod model;
 pub mod tokens;
 

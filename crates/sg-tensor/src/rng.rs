@@ -1,5 +1,6 @@
-//! Seeded initialisation as the original: xavier-uniform Linear weights, zero biases, LayerNorm 1/0,
-//! normal(0, 0.02) embeddings. A small deterministic generator (SplitMix64), so a seed fixes a model.
+//! A small deterministic random stream (SplitMix64) shared by model initialisation (xavier-uniform
+//! Linear weights, normal embeddings, as the original) and data augmentation: a seed fixes a model,
+//! a mask and an augmented batch, whatever the thread count.
 
 /// A deterministic random stream.
 pub struct Rng(u64);
@@ -33,6 +34,20 @@ impl Rng {
     pub fn xavier(&mut self, fan_out: usize, fan_in: usize) -> Vec<f32> {
         let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
         (0..fan_out * fan_in).map(|_| ((self.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+    }
+
+    /// Uniform integer in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: usize) -> usize {
+        ((self.uniform() * n as f64) as usize).min(n.saturating_sub(1))
+    }
+
+    /// A generator for a sub-stream (say, sample `i` of epoch `e`): independent of draw order.
+    pub fn derive(seed: u64, parts: &[u64]) -> Rng {
+        let mut r = Rng::new(seed);
+        for &p in parts {
+            r = Rng::new(r.next_u64() ^ p.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        }
+        r
     }
 
     /// `n` values of normal(0, std).
