@@ -17,6 +17,9 @@ use sg_tensor::{Result, TensorError};
 pub trait Dataset: Send + Sync + 'static {
     type Item: Send + 'static;
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Sample `i`; `rng` is this sample's generator for the epoch (augmentation draws from it).
     fn get(&self, i: usize, rng: &mut Rng) -> Result<Self::Item>;
     /// A name for sample `i` in reports (its file).
@@ -83,7 +86,7 @@ impl<D: Dataset> Loader<D> {
     pub fn order(&self, epoch: u64) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
         if self.cfg.shuffle {
-            let mut rng = Rng::derive(self.cfg.seed, &[epoch, 0x5_4B_FF1E]);
+            let mut rng = Rng::derive(self.cfg.seed, &[epoch, 0x054B_FF1E]);
             for i in (1..idx.len()).rev() {
                 idx.swap(i, rng.below(i + 1));
             }
