@@ -4,6 +4,8 @@
 //! - [`bands`]: named bands and the model's order (B1..B8, B8A, B9, B11, B12; B10 dropped);
 //! - [`eurosat`]: EuroSAT-MS class folders and split files;
 //! - [`bigearthnet`]: BigEarthNet-S2 patches (bands to 120 x 120 by bicubic), the 19-class labels;
+//! - [`oscd`]: OSCD city pairs on the 10 m grid with their change maps;
+//! - [`sen1floods11`]: Sen1Floods11 chips with water masks (no data ignored);
 //! - [`resample`]: nearest, bilinear and bicubic resizing with PyTorch's conventions;
 //! - [`augment`]: random resized crop, flips and rotations (masks transformed identically), eval crops;
 //! - [`loader`]: seeded, prefetching, streaming batches from any dataset, with bad samples skipped on request;
@@ -15,8 +17,10 @@ pub mod bigearthnet;
 pub mod eurosat;
 pub mod loader;
 pub mod normalize;
+pub mod oscd;
 pub mod raster;
 pub mod resample;
+pub mod sen1floods11;
 
 pub use bands::{Band, MODEL_BANDS};
 pub use raster::{read_tiff, Raster};
