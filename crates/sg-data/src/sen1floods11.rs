@@ -12,6 +12,16 @@ use crate::raster::read_tiff;
 /// The label of pixels that do not count (the segmentation loss's ignore index).
 pub const IGNORE: f32 = 255.0;
 
+/// One chip: `(12, H, W)` digital numbers in model order and `(H, W)` labels (0 dry, 1 water,
+/// [`IGNORE`]).
+#[derive(Clone, Debug)]
+pub struct Chip {
+    pub img: Vec<f32>,
+    pub labels: Vec<f32>,
+    pub height: usize,
+    pub width: usize,
+}
+
 /// The chips of a Sen1Floods11 folder that have both an S2 image and a hand label.
 #[derive(Clone, Debug)]
 pub struct Sen1Floods11 {
@@ -51,9 +61,8 @@ impl Sen1Floods11 {
         self.chips.is_empty()
     }
 
-    /// Chip `i`: `(12, H, W)` digital numbers in model order, the `(H, W)` labels (0 dry, 1 water,
-    /// [`IGNORE`]), and `(H, W)`.
-    pub fn load(&self, i: usize) -> Result<(Vec<f32>, Vec<f32>, (usize, usize))> {
+    /// Chip `i`.
+    pub fn load(&self, i: usize) -> Result<Chip> {
         let c = self.chips.get(i).ok_or(TensorError::Index {
             op: "Sen1Floods11::load",
             index: i,
@@ -93,6 +102,6 @@ impl Sen1Floods11 {
             };
         }
         let x = reorder(&img.data, img.height * img.width, &ALL_BANDS, &MODEL_BANDS)?;
-        Ok((x, labels, (img.height, img.width)))
+        Ok(Chip { img: x, labels, height: img.height, width: img.width })
     }
 }

@@ -15,7 +15,8 @@ fn band(b: Band) -> usize {
 fn flood_chip_and_its_water_mask() {
     let ds = Sen1Floods11::scan(fixtures().join("sen1floods11")).unwrap();
     assert_eq!(ds.len(), 1);
-    let (img, labels, (h, w)) = ds.load(0).unwrap();
+    let c = ds.load(0).unwrap();
+    let (img, labels, h, w) = (c.img, c.labels, c.height, c.width);
     assert_eq!((h, w, img.len(), labels.len()), (512, 512, 12 * 512 * 512, 512 * 512));
     assert!(labels.iter().all(|&v| v == 0.0 || v == 1.0 || v == IGNORE));
     let count = |c: f32| labels.iter().filter(|&&v| v == c).count();
