@@ -1,4 +1,5 @@
 //! Project tasks behind `cargo xtask` (see `main.rs` for the commands).
 
 pub mod convert;
+pub mod crop;
 pub mod parity;

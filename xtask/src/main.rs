@@ -3,6 +3,7 @@
 //! - `parity FIXTURE.safetensors...`: reproduce PyTorch reference dumps (forward and gradients);
 //!   exits non-zero if any tensor is outside its tolerance.
 //! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
+//! - `crop-scene SRC DST TOP LEFT SIZE`: a region of a folder of per-band GeoTIFFs (fixtures).
 //! - `bench kernels [FILTER]`: the criterion benchmarks of `sg-tensor`'s kernels on ViT-B shapes;
 //!   throughput is printed in elements/s where one element is one floating-point operation.
 
@@ -11,6 +12,7 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage:
   cargo xtask parity FIXTURE.safetensors...
   cargo xtask convert IN.pth OUT.safetensors
+  cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE
   cargo xtask bench kernels [FILTER]";
 
 fn parity(files: &[&str]) -> ExitCode {
@@ -64,6 +66,23 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        ["crop-scene", src, dst, top, left, size] => {
+            let nums: Option<Vec<usize>> = [top, left, size].iter().map(|v| v.parse().ok()).collect();
+            let Some(n) = nums else {
+                eprintln!("crop-scene: TOP, LEFT and SIZE must be whole numbers");
+                return ExitCode::from(2);
+            };
+            match xtask::crop::run(src.as_ref(), dst.as_ref(), n[0], n[1], n[2]) {
+                Ok(k) => {
+                    println!("{dst}: {k} band files of a {}-pixel region", n[2]);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("crop-scene: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         ["bench", "kernels", rest @ ..] => {
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.args(["bench", "-p", "sg-benches", "--bench", "kernels", "--"]).args(rest);

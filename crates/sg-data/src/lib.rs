@@ -6,6 +6,7 @@
 //! - [`bigearthnet`]: BigEarthNet-S2 patches (bands to 120 x 120 by bicubic), the 19-class labels;
 //! - [`oscd`]: OSCD city pairs on the 10 m grid with their change maps;
 //! - [`sen1floods11`]: Sen1Floods11 chips with water masks (no data ignored);
+//! - [`scenes`]: pretraining tiles of whole scenes, read window by window (a scene is never held whole);
 //! - [`resample`]: nearest, bilinear and bicubic resizing with PyTorch's conventions;
 //! - [`augment`]: random resized crop, flips and rotations (masks transformed identically), eval crops;
 //! - [`loader`]: seeded, prefetching, streaming batches from any dataset, with bad samples skipped on request;
@@ -20,6 +21,7 @@ pub mod normalize;
 pub mod oscd;
 pub mod raster;
 pub mod resample;
+pub mod scenes;
 pub mod sen1floods11;
 
 pub use bands::{Band, MODEL_BANDS};

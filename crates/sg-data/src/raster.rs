@@ -87,6 +87,60 @@ fn read_planar<R: std::io::Read + std::io::Seek>(
     Ok(out)
 }
 
+/// The size of a single-band TIFF without decoding it: `(height, width)`.
+pub fn tiff_size(path: impl AsRef<Path>) -> Result<(usize, usize)> {
+    let path = path.as_ref();
+    let file = std::fs::File::open(path)
+        .map_err(|e| TensorError::Io { path: path.display().to_string(), msg: e.to_string() })?;
+    let mut d =
+        Decoder::new(std::io::BufReader::new(file)).map_err(|e| bad(path, format!("is not a readable TIFF: {e}")))?;
+    let (w, h) = d.dimensions().map_err(|e| bad(path, format!("is not a readable TIFF: {e}")))?;
+    Ok((h as usize, w as usize))
+}
+
+/// The window `top..top+h, left..left+w` of a single-band TIFF, decoding only the strips or tiles
+/// that intersect it (a full Sentinel-2 tile never has to be held in memory). Parts of the window
+/// outside the image repeat the nearest edge pixel.
+pub fn read_window(path: impl AsRef<Path>, top: isize, left: isize, h: usize, w: usize) -> Result<Vec<f32>> {
+    let path = path.as_ref();
+    let file = std::fs::File::open(path)
+        .map_err(|e| TensorError::Io { path: path.display().to_string(), msg: e.to_string() })?;
+    let tiff_err = |e: tiff::TiffError| bad(path, format!("is not a readable TIFF: {e}"));
+    let mut d = Decoder::new(std::io::BufReader::new(file)).map_err(tiff_err)?;
+    let (iw, ih) = d.dimensions().map_err(tiff_err)?;
+    let (iw, ih) = (iw as usize, ih as usize);
+    let samples = d.find_tag_unsigned::<u32>(Tag::SamplesPerPixel).map_err(tiff_err)?.unwrap_or(1);
+    if samples != 1 {
+        return Err(bad(path, format!("has {samples} samples per pixel; windows are read from single-band files")));
+    }
+    if iw == 0 || ih == 0 || h == 0 || w == 0 {
+        return Err(bad(path, "empty image or window"));
+    }
+    let (cw, ch) = d.chunk_dimensions();
+    let (cw, ch) = (cw as usize, ch as usize);
+    let across = iw.div_ceil(cw);
+    // Source rows and columns of the window, clamped into the image.
+    let rows: Vec<usize> = (0..h).map(|r| (top + r as isize).clamp(0, ih as isize - 1) as usize).collect();
+    let cols: Vec<usize> = (0..w).map(|c| (left + c as isize).clamp(0, iw as isize - 1) as usize).collect();
+    let (r0, r1) = (rows[0] / ch, rows[h - 1] / ch);
+    let (c0, c1) = (cols[0] / cw, cols[w - 1] / cw);
+    let mut out = vec![0f32; h * w];
+    for cy in r0..=r1 {
+        for cx in c0..=c1 {
+            let idx = cy * across + cx;
+            let vals = to_f32(d.read_chunk(idx as u32).map_err(tiff_err)?, path)?;
+            let (dw, _) = d.chunk_data_dimensions(idx as u32);
+            let dw = dw as usize;
+            for (r, &sy) in rows.iter().enumerate().filter(|(_, &sy)| sy / ch == cy) {
+                for (c, &sx) in cols.iter().enumerate().filter(|(_, &sx)| sx / cw == cx) {
+                    out[r * w + c] = vals[(sy - cy * ch) * dw + (sx - cx * cw)];
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the first image of a TIFF file.
 pub fn read_tiff(path: impl AsRef<Path>) -> Result<Raster> {
     let path = path.as_ref();
