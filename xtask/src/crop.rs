@@ -9,7 +9,7 @@ use sg_data::raster::{read_window, tiff_size};
 use sg_tensor::{Result, TensorError};
 
 pub fn run(src: &Path, dst: &Path, top: usize, left: usize, size: usize) -> Result<usize> {
-    if !top.is_multiple_of(6) || !left.is_multiple_of(6) || !size.is_multiple_of(6) || size == 0 {
+    if top % 6 != 0 || left % 6 != 0 || size % 6 != 0 || size == 0 {
         return Err(TensorError::Arg {
             op: "crop-scene",
             msg: "TOP, LEFT and SIZE must be multiples of 6 (the 60 m grid)".into(),
