@@ -3,3 +3,4 @@
 pub mod convert;
 pub mod crop;
 pub mod parity;
+pub mod pretrain;

@@ -1,5 +1,6 @@
 //! Project tasks, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
+//! - `pretrain [OPTIONS]`: masked-autoencoder pretraining (defaults: tiny model, bundled real data).
 //! - `parity FIXTURE.safetensors...`: reproduce PyTorch reference dumps (forward and gradients);
 //!   exits non-zero if any tensor is outside its tolerance.
 //! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
@@ -10,6 +11,7 @@
 use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage:
+  cargo xtask pretrain [--help for options]
   cargo xtask parity FIXTURE.safetensors...
   cargo xtask convert IN.pth OUT.safetensors
   cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE
@@ -52,6 +54,36 @@ fn parity(files: &[&str]) -> ExitCode {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["pretrain", rest @ ..] => {
+            if rest.contains(&"--help") {
+                println!("{}", xtask::pretrain::USAGE);
+                return ExitCode::SUCCESS;
+            }
+            let opts = match xtask::pretrain::Options::parse(&rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("pretrain: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match xtask::pretrain::run(&opts) {
+                Ok(s) => {
+                    println!(
+                        "done: {} steps, loss {:.4} -> {:.4}, {:.1} samples/s; wrote {}",
+                        s.steps,
+                        s.first_loss,
+                        s.last_loss,
+                        s.samples_per_s,
+                        opts.out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pretrain: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         ["parity", files @ ..] => parity(files),
         ["convert", input, output] => match xtask::convert::run(input, output) {
             Ok(c) => {

@@ -7,6 +7,7 @@
 //! - [`oscd`]: OSCD city pairs on the 10 m grid with their change maps;
 //! - [`sen1floods11`]: Sen1Floods11 chips with water masks (no data ignored);
 //! - [`scenes`]: pretraining tiles of whole scenes, read window by window (a scene is never held whole);
+//! - [`sources`]: unlabelled images for pretraining from any of these folders, recognised by layout;
 //! - [`resample`]: nearest, bilinear and bicubic resizing with PyTorch's conventions;
 //! - [`augment`]: random resized crop, flips and rotations (masks transformed identically), eval crops;
 //! - [`loader`]: seeded, prefetching, streaming batches from any dataset, with bad samples skipped on request;
@@ -23,6 +24,7 @@ pub mod raster;
 pub mod resample;
 pub mod scenes;
 pub mod sen1floods11;
+pub mod sources;
 
 pub use bands::{Band, MODEL_BANDS};
 pub use raster::{read_tiff, Raster};
