@@ -3,4 +3,6 @@
 pub mod convert;
 pub mod crop;
 pub mod parity;
+pub mod plot;
+pub mod png;
 pub mod pretrain;

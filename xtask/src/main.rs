@@ -67,6 +67,10 @@ fn main() -> ExitCode {
                 }
             };
             match xtask::pretrain::run(&opts) {
+                Ok(s) if s.steps == 0 => {
+                    println!("nothing left to train at this step count; reports rewritten in {}", opts.out.display());
+                    ExitCode::SUCCESS
+                }
                 Ok(s) => {
                     println!(
                         "done: {} steps, loss {:.4} -> {:.4}, {:.1} samples/s; wrote {}",

@@ -194,6 +194,71 @@ fn log_line(step: u64, epoch: u64, l: &sg_tensor::backend::MaeLoss, lr: f64, sps
     )
 }
 
+/// `loss.png` from `log.jsonl`: loss, loss1 and loss3 against the step.
+pub fn write_loss_plot(out: &Path) -> Result<()> {
+    let log = out.join("log.jsonl");
+    let text = std::fs::read_to_string(&log)
+        .map_err(|e| TensorError::Io { path: log.display().to_string(), msg: e.to_string() })?;
+    let mut series: Vec<(&str, crate::plot::Rgb, Vec<(f64, f64)>)> =
+        vec![("loss", [20, 20, 20], vec![]), ("loss1", [30, 90, 200], vec![]), ("loss3", [200, 50, 40], vec![])];
+    for line in text.lines() {
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let step = j["step"].as_f64().unwrap_or(0.0);
+        for s in series.iter_mut() {
+            if let Some(v) = j[s.0].as_f64() {
+                s.2.push((step, v));
+            }
+        }
+    }
+    crate::plot::curves(&out.join("loss.png"), &series)
+}
+
+/// `recon.png`: for the first samples, input, masked input (grey) and reconstruction (visible
+/// tokens pasted back), as RGB from B4, B3, B2.
+fn write_recon(out: &Path, model: &Mae3d, store: &ParamStore, images: &Images, img: usize, seed: u64) -> Result<()> {
+    let k = images.len().min(4);
+    let cfg = &model.cfg.encoder;
+    let (l, td, side) = (cfg.tokens(), cfg.token_dim(), img);
+    let mut tokens = Vec::new();
+    for i in 0..k {
+        let (x, h, w) = images.load(i)?;
+        let mut s = augment::eval(&Sample::new(x, 12, h, w, None)?, img, img)?;
+        min_max(&mut s.img, 12)?;
+        tokens.extend(model.encoder.tokens(&s.img, 1)?);
+    }
+    let m = Masking::random(k, l, model.cfg.mask_ratio, seed)?;
+    let mut e = sg_tensor::Eval::new(Cpu, store);
+    let t = e.constant(&tokens, &[k, l, td])?;
+    let fwd = model.forward(&mut e, &t, &m)?;
+    let pred: Vec<f32> = e.read(&fwd.pred).into_iter().map(|v| v as f32).collect();
+    let views = [
+        model.images(&tokens, k)?,
+        model.images(&model.compose(&tokens, None, &m, f32::NAN)?, k)?,
+        model.images(&model.compose(&tokens, Some(&pred), &m, 0.0)?, k)?,
+    ];
+    let (scale, gap) = (2usize, 6usize);
+    let cell = side * scale;
+    let (w, h) = (3 * cell + 4 * gap, k * cell + (k + 1) * gap);
+    let mut canvas = crate::plot::Canvas::new(w, h, [255, 255, 255]);
+    let plane = side * side;
+    for i in 0..k {
+        for (v, view) in views.iter().enumerate() {
+            let im = &view[i * 12 * plane..(i + 1) * 12 * plane];
+            // Model bands: B4 = 3, B3 = 2, B2 = 1.
+            let rgb =
+                crate::plot::rgb_stretch(&im[3 * plane..4 * plane], &im[2 * plane..3 * plane], &im[plane..2 * plane]);
+            for y in 0..cell {
+                for x in 0..cell {
+                    let p = ((y / scale) * side + x / scale) * 3;
+                    let c = [rgb[p], rgb[p + 1], rgb[p + 2]];
+                    canvas.set((gap + v * (cell + gap) + x) as isize, (gap + i * (cell + gap) + y) as isize, c);
+                }
+            }
+        }
+    }
+    canvas.save(&out.join("recon.png"))
+}
+
 pub fn run(o: &Options) -> Result<Summary> {
     if let Some(t) = o.threads {
         sg_tensor::par::set_threads(t)?;
@@ -301,5 +366,7 @@ pub fn run(o: &Options) -> Result<Summary> {
             }
         }
     }
+    write_loss_plot(&o.out)?;
+    write_recon(&o.out, &model, &store, &loader.dataset().images, o.img, o.seed)?;
     Ok(summary)
 }

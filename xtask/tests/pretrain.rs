@@ -41,6 +41,13 @@ fn loss_falls_on_real_data() {
     for f in ["checkpoint.safetensors", "optimizer.safetensors", "config.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
+    // The reports are PNGs of the stated sizes (IHDR width and height, big-endian).
+    for (f, w, h) in [("loss.png", 720u32, 420u32), ("recon.png", 3 * 64 + 4 * 6, 4 * 64 + 5 * 6)] {
+        let b = std::fs::read(out.join(f)).unwrap();
+        assert_eq!(&b[..8], b"\x89PNG\r\n\x1a\n", "{f}");
+        assert_eq!(u32::from_be_bytes(b[16..20].try_into().unwrap()), w, "{f} width");
+        assert_eq!(u32::from_be_bytes(b[20..24].try_into().unwrap()), h, "{f} height");
+    }
     // The checkpoint holds the original parameter names.
     assert!(tensors(&out, "checkpoint.safetensors").iter().any(|(n, _)| n == "blocks.0.attn.q.weight"));
 }
