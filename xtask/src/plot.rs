@@ -9,6 +9,9 @@ use crate::png::write_rgb;
 
 pub type Rgb = [u8; 3];
 
+/// A named, coloured curve of `(x, y)` points.
+pub type Series<'a> = (&'a str, Rgb, Vec<(f64, f64)>);
+
 /// An RGB canvas.
 pub struct Canvas {
     pub w: usize,
@@ -105,7 +108,7 @@ fn label(v: f64) -> String {
 }
 
 /// Curves `(name, colour, points)` over a shared x axis, y on a log scale.
-pub fn curves(path: &Path, series: &[(&str, Rgb, Vec<(f64, f64)>)]) -> Result<()> {
+pub fn curves(path: &Path, series: &[Series]) -> Result<()> {
     let (w, h) = (720usize, 420usize);
     let (l, r, t, b) = (70.0, 20.0, 20.0, 40.0);
     let mut c = Canvas::new(w, h, [255, 255, 255]);

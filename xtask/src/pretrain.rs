@@ -199,7 +199,7 @@ pub fn write_loss_plot(out: &Path) -> Result<()> {
     let log = out.join("log.jsonl");
     let text = std::fs::read_to_string(&log)
         .map_err(|e| TensorError::Io { path: log.display().to_string(), msg: e.to_string() })?;
-    let mut series: Vec<(&str, crate::plot::Rgb, Vec<(f64, f64)>)> =
+    let mut series: Vec<crate::plot::Series> =
         vec![("loss", [20, 20, 20], vec![]), ("loss1", [30, 90, 200], vec![]), ("loss3", [200, 50, 40], vec![])];
     for line in text.lines() {
         let Ok(j) = serde_json::from_str::<serde_json::Value>(line) else { continue };
