@@ -6,3 +6,4 @@ pub mod parity;
 pub mod plot;
 pub mod png;
 pub mod pretrain;
+pub mod reconstruct;

@@ -1,6 +1,7 @@
 //! Project tasks, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
 //!
 //! - `pretrain [OPTIONS]`: masked-autoencoder pretraining (defaults: tiny model, bundled real data).
+//! - `reconstruct --checkpoint C --input PATH --out PNG`: a pretrained model's reconstruction.
 //! - `parity FIXTURE.safetensors...`: reproduce PyTorch reference dumps (forward and gradients);
 //!   exits non-zero if any tensor is outside its tolerance.
 //! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
@@ -12,6 +13,7 @@ use std::process::{Command, ExitCode};
 
 const USAGE: &str = "usage:
   cargo xtask pretrain [--help for options]
+  cargo xtask reconstruct --checkpoint DIR --input FILE.tif|DIR --out FILE.png
   cargo xtask parity FIXTURE.safetensors...
   cargo xtask convert IN.pth OUT.safetensors
   cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE
@@ -84,6 +86,18 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("pretrain: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        ["reconstruct", rest @ ..] => {
+            match xtask::reconstruct::run(&rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+                Ok(p) => {
+                    println!("wrote {}", p.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("reconstruct: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -186,6 +186,16 @@ pub struct Summary {
     pub samples_per_s: f64,
 }
 
+/// Seconds as `m:ss` (or `h:mm:ss`).
+fn clock(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
 /// One log line.
 fn log_line(step: u64, epoch: u64, l: &sg_tensor::backend::MaeLoss, lr: f64, sps: f64) -> String {
     format!(
@@ -213,16 +223,26 @@ pub fn write_loss_plot(out: &Path) -> Result<()> {
     crate::plot::curves(&out.join("loss.png"), &series)
 }
 
-/// `recon.png`: for the first samples, input, masked input (grey) and reconstruction (visible
-/// tokens pasted back), as RGB from B4, B3, B2.
-fn write_recon(out: &Path, model: &Mae3d, store: &ParamStore, images: &Images, img: usize, seed: u64) -> Result<()> {
-    let k = images.len().min(4);
+/// A reconstruction grid: for each image (12 bands in model order, any size), the input at the
+/// model's eval crop, the masked input (masked tokens grey) and the reconstruction (visible tokens
+/// pasted back), as RGB from B4, B3, B2 with a 2-98% stretch.
+pub fn write_recon(
+    path: &Path,
+    model: &Mae3d,
+    store: &ParamStore,
+    imgs: &[(Vec<f32>, usize, usize)],
+    seed: u64,
+) -> Result<()> {
     let cfg = &model.cfg.encoder;
-    let (l, td, side) = (cfg.tokens(), cfg.token_dim(), img);
+    let (l, td) = (cfg.tokens(), cfg.token_dim());
+    let (side, sw) = cfg.img_size;
+    let k = imgs.len();
     let mut tokens = Vec::new();
-    for i in 0..k {
-        let (x, h, w) = images.load(i)?;
-        let mut s = augment::eval(&Sample::new(x, 12, h, w, None)?, img, img)?;
+    for (x, h, w) in imgs {
+        let mut s = augment::eval(&Sample::new(x.clone(), 12, *h, *w, None)?, side.min(sw), side.min(sw))?;
+        if (s.height, s.width) != (side, sw) {
+            s = s.resize(side, sw, sg_data::resample::Filter::Bicubic)?;
+        }
         min_max(&mut s.img, 12)?;
         tokens.extend(model.encoder.tokens(&s.img, 1)?);
     }
@@ -236,27 +256,28 @@ fn write_recon(out: &Path, model: &Mae3d, store: &ParamStore, images: &Images, i
         model.images(&model.compose(&tokens, None, &m, f32::NAN)?, k)?,
         model.images(&model.compose(&tokens, Some(&pred), &m, 0.0)?, k)?,
     ];
-    let (scale, gap) = (2usize, 6usize);
-    let cell = side * scale;
-    let (w, h) = (3 * cell + 4 * gap, k * cell + (k + 1) * gap);
+    let scale = if side.max(sw) <= 128 { 2 } else { 1 };
+    let gap = 6usize;
+    let (ch, cw) = (side * scale, sw * scale);
+    let (w, h) = (3 * cw + 4 * gap, k * ch + (k + 1) * gap);
     let mut canvas = crate::plot::Canvas::new(w, h, [255, 255, 255]);
-    let plane = side * side;
+    let plane = side * sw;
     for i in 0..k {
         for (v, view) in views.iter().enumerate() {
             let im = &view[i * 12 * plane..(i + 1) * 12 * plane];
             // Model bands: B4 = 3, B3 = 2, B2 = 1.
             let rgb =
                 crate::plot::rgb_stretch(&im[3 * plane..4 * plane], &im[2 * plane..3 * plane], &im[plane..2 * plane]);
-            for y in 0..cell {
-                for x in 0..cell {
-                    let p = ((y / scale) * side + x / scale) * 3;
+            for y in 0..ch {
+                for x in 0..cw {
+                    let p = ((y / scale) * sw + x / scale) * 3;
                     let c = [rgb[p], rgb[p + 1], rgb[p + 2]];
-                    canvas.set((gap + v * (cell + gap) + x) as isize, (gap + i * (cell + gap) + y) as isize, c);
+                    canvas.set((gap + v * (cw + gap) + x) as isize, (gap + i * (ch + gap) + y) as isize, c);
                 }
             }
         }
     }
-    canvas.save(&out.join("recon.png"))
+    canvas.save(path)
 }
 
 pub fn run(o: &Options) -> Result<Summary> {
@@ -312,6 +333,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         let extra = HashMap::from([("epoch".to_string(), (step / per_epoch).to_string())]);
         checkpoint::save(&o.out, store, Some(opt), &config_json, step, &extra)
     };
+    let bar = !o.quiet && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let t0 = Instant::now();
     let mut step = start;
     'epochs: while step < total {
@@ -346,16 +368,32 @@ pub fn run(o: &Options) -> Result<Summary> {
             summary.steps += 1;
             let sps = (summary.steps * o.batch as u64) as f64 / t0.elapsed().as_secs_f64();
             summary.samples_per_s = sps;
+            let eta = (total - step) as f64 * o.batch as f64 / sps.max(1e-9);
             if step % o.log_every == 0 || step == total {
                 let line = log_line(step, epoch, &out.parts, lr, sps);
                 writeln!(log, "{line}")
                     .map_err(|e| TensorError::Io { path: log_path.display().to_string(), msg: e.to_string() })?;
-                if !o.quiet {
+                if !o.quiet && !bar {
                     println!(
-                        "step {step}/{total}  loss {:.4} (loss1 {:.4}, loss3 {:.4})  lr {lr:.2e}  {sps:.1} samples/s",
-                        out.parts.loss, out.parts.loss1, out.parts.loss3
+                        "step {step}/{total}  loss {:.4} (loss1 {:.4}, loss3 {:.4})  lr {lr:.2e}  {sps:.1} samples/s  eta {}",
+                        out.parts.loss,
+                        out.parts.loss1,
+                        out.parts.loss3,
+                        clock(eta)
                     );
                 }
+            }
+            if bar {
+                // One redrawn line on a terminal; plain log lines otherwise.
+                let done = (40 * step / total.max(1)) as usize;
+                print!(
+                    "\r[{}{}] {step}/{total}  loss {:.4}  {sps:.1} samples/s  eta {}   ",
+                    "#".repeat(done),
+                    ".".repeat(40 - done),
+                    out.parts.loss,
+                    clock(eta)
+                );
+                let _ = std::io::stdout().flush();
             }
             let stop = o.stop_at == Some(step);
             if step % o.save_every == 0 || step == total || stop {
@@ -366,7 +404,12 @@ pub fn run(o: &Options) -> Result<Summary> {
             }
         }
     }
+    if bar {
+        println!();
+    }
     write_loss_plot(&o.out)?;
-    write_recon(&o.out, &model, &store, &loader.dataset().images, o.img, o.seed)?;
+    let images = &loader.dataset().images;
+    let samples = (0..images.len().min(4)).map(|i| images.load(i)).collect::<Result<Vec<_>>>()?;
+    write_recon(&o.out.join("recon.png"), &model, &store, &samples, o.seed)?;
     Ok(summary)
 }

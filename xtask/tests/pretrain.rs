@@ -85,3 +85,31 @@ fn bad_options_are_errors() {
     let o = Options::parse(&["--data".into(), "/nonexistent".into(), "--quiet".into()]).unwrap();
     assert!(run(&o).is_err());
 }
+
+#[test]
+fn reconstruct_any_readable_image_from_a_checkpoint() {
+    let out = tmp("recon");
+    run(&opts(&out, &["--steps", "2"])).unwrap();
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let png = out.join("r.png");
+    let args = |input: std::path::PathBuf| {
+        vec![
+            "--checkpoint".into(),
+            out.display().to_string(),
+            "--input".into(),
+            input.display().to_string(),
+            "--out".into(),
+            png.display().to_string(),
+        ]
+    };
+    // A EuroSAT file (13 bands, B8A last), a scene folder, and the planar flood chip in S2 order.
+    xtask::reconstruct::run(&args(fx.join("eurosat-ms/Forest/Forest_1031.tif"))).unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    xtask::reconstruct::run(&args(fx.join("s2-l1c-scene"))).unwrap();
+    let mut a = args(fx.join("sen1floods11/S2/Spain_7370579_S2Hand.tif"));
+    a.extend(["--band-order".into(), "s2".into()]);
+    xtask::reconstruct::run(&a).unwrap();
+    let e = xtask::reconstruct::run(&args(fx.join("README.md"))).unwrap_err().to_string();
+    assert!(e.contains("README.md"), "{e}");
+    assert!(xtask::reconstruct::run(&["--input".into(), "x".into()]).unwrap_err().to_string().contains("required"));
+}
