@@ -43,12 +43,37 @@ pub struct Options {
     pub log_every: u64,
     /// Save and stop at this step, as an interruption would (the run continues with `--resume`).
     pub stop_at: Option<u64>,
+    /// Progressive pretraining: stages of (image size, data, epochs), run in order in one command.
+    pub stages: Vec<Stage>,
+    /// How the spatial position embeddings move to a new grid between stages.
+    pub pos_transfer: PosTransfer,
     pub quiet: bool,
+}
+
+/// One stage of progressive pretraining.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    pub img: usize,
+    pub data: Vec<PathBuf>,
+    pub steps: Option<u64>,
+    pub epochs: Option<u64>,
+}
+
+/// Moving the spatial position embeddings to another grid between stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PosTransfer {
+    /// Bicubic interpolation over the grid (the default: keeps what was learnt).
+    Interpolate,
+    /// Fresh random embeddings, as the original's second stage.
+    Reinit,
 }
 
 pub const USAGE: &str = "cargo xtask pretrain [--config tiny|base|large|huge|FILE.json] [--data DIR]... [--img PX]
     [--batch N] [--steps N | --epochs N] [--blr X] [--warmup STEPS] [--mask-ratio R] [--seed N]
     [--threads N] [--out DIR] [--resume] [--save-every STEPS] [--log-every STEPS] [--stop-at STEP] [--quiet]
+    [--stage IMG:DIR[,DIR...]:EPOCHS]... [--pos-embed interpolate|reinit]
+stages run in order in one command (progressive pretraining, e.g. --stage 96:A:200 --stage 128:B:100);
+each takes the previous stage's weights, spatial position embeddings interpolated (default) or re-initialised.
 defaults: the tiny model at 96 px on the bundled real samples for 800 steps (about 5 minutes on 2 cores),
 batch 8, blr 0.05 (lr = blr x batch / 256), warm-up 10% of the steps, mask ratio 0.9, out runs/pretrain";
 
@@ -78,6 +103,8 @@ impl Default for Options {
             save_every: 200,
             log_every: 10,
             stop_at: None,
+            stages: Vec::new(),
+            pos_transfer: PosTransfer::Interpolate,
             quiet: false,
         }
     }
@@ -113,12 +140,33 @@ impl Options {
                 "--save-every" => o.save_every = num(a, val(a)?)?,
                 "--log-every" => o.log_every = num(a, val(a)?)?,
                 "--stop-at" => o.stop_at = Some(num(a, val(a)?)?),
+                "--stage" => {
+                    let v = val(a)?;
+                    let parts: Vec<&str> = v.split(':').collect();
+                    let [img, dirs, epochs] = parts[..] else {
+                        return Err(arg_err(format!("--stage `{v}`: expected IMG:DIR[,DIR...]:EPOCHS")));
+                    };
+                    o.stages.push(Stage {
+                        img: num("--stage image size", img.to_string())?,
+                        data: dirs.split(',').map(PathBuf::from).collect(),
+                        steps: None,
+                        epochs: Some(num("--stage epochs", epochs.to_string())?),
+                    });
+                }
+                "--pos-embed" => {
+                    o.pos_transfer = match val(a)?.as_str() {
+                        "interpolate" => PosTransfer::Interpolate,
+                        "reinit" => PosTransfer::Reinit,
+                        other => return Err(arg_err(format!("--pos-embed `{other}`: interpolate or reinit"))),
+                    }
+                }
                 "--resume" => o.resume = true,
                 "--quiet" => o.quiet = true,
                 other => return Err(arg_err(format!("unknown option `{other}`\n{USAGE}"))),
             }
         }
-        if !data.is_empty() {
+        let data_given = !data.is_empty();
+        if data_given {
             o.data = data;
         }
         if o.batch == 0 || o.img == 0 || o.save_every == 0 || o.log_every == 0 {
@@ -127,10 +175,22 @@ impl Options {
         if o.steps.is_some() && o.epochs.is_some() {
             return Err(arg_err("give --steps or --epochs, not both".into()));
         }
+        if !o.stages.is_empty() && (o.steps.is_some() || o.epochs.is_some() || data_given) {
+            return Err(arg_err("--stage sets each stage's data and epochs; drop --steps, --epochs and --data".into()));
+        }
         if !(o.blr > 0.0 && o.blr.is_finite()) {
             return Err(arg_err(format!("--blr {} must be a positive number", o.blr)));
         }
         Ok(o)
+    }
+
+    /// The stages to run: the `--stage` list, or one stage from `--img`, `--data`, `--steps`/`--epochs`.
+    pub fn stage_list(&self) -> Vec<Stage> {
+        if self.stages.is_empty() {
+            vec![Stage { img: self.img, data: self.data.clone(), steps: self.steps, epochs: self.epochs }]
+        } else {
+            self.stages.clone()
+        }
     }
 
     /// The model configuration: a named size, or a JSON file over the tiny defaults.
@@ -180,6 +240,8 @@ impl Dataset for PretrainSet {
 /// What a run did.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// True when `--stop-at` ended the run early.
+    pub stopped: bool,
     pub steps: u64,
     pub first_loss: f64,
     pub last_loss: f64,
@@ -197,9 +259,18 @@ fn clock(s: f64) -> String {
 }
 
 /// One log line.
-fn log_line(step: u64, epoch: u64, l: &sg_tensor::backend::MaeLoss, lr: f64, sps: f64) -> String {
+#[allow(clippy::too_many_arguments)]
+fn log_line(
+    stage: usize,
+    img: usize,
+    step: u64,
+    epoch: u64,
+    l: &sg_tensor::backend::MaeLoss,
+    lr: f64,
+    sps: f64,
+) -> String {
     format!(
-        "{{\"step\": {step}, \"epoch\": {epoch}, \"loss\": {:.6}, \"loss1\": {:.6}, \"loss3\": {:.6}, \"lr\": {lr:.6e}, \"samples_per_s\": {sps:.2}}}",
+        "{{\"stage\": {stage}, \"img\": {img}, \"step\": {step}, \"epoch\": {epoch}, \"loss\": {:.6}, \"loss1\": {:.6}, \"loss3\": {:.6}, \"lr\": {lr:.6e}, \"samples_per_s\": {sps:.2}}}",
         l.loss, l.loss1, l.loss3
     )
 }
@@ -280,14 +351,129 @@ pub fn write_recon(
     canvas.save(path)
 }
 
+/// Copies every parameter of the previous stage into `store` by name; the spatial position
+/// embeddings, whose grid changes with the image size, are interpolated (bicubic over the grid) or
+/// left at their fresh initialisation.
+fn transfer(
+    prev: &ParamStore,
+    prev_grid: (usize, usize),
+    store: &mut ParamStore,
+    grid: (usize, usize),
+    how: PosTransfer,
+) -> Result<()> {
+    let entries: Vec<(String, sg_tensor::ParamRef)> =
+        store.entries().iter().map(|e| (e.name.clone(), e.param.clone())).collect();
+    for (name, p) in entries {
+        let Some(old) = prev.get(&name) else { continue };
+        if old.param.shape == p.shape {
+            let v = prev.values(&old.param).to_vec();
+            store.values_mut(&p).copy_from_slice(&v);
+        } else if name.ends_with("pos_embed_spatial") {
+            if how == PosTransfer::Interpolate {
+                let d = p.shape[2];
+                let src = prev.values(&old.param);
+                let ((h0, w0), (h1, w1)) = (prev_grid, grid);
+                let mut out = vec![0f32; h1 * w1 * d];
+                for c in 0..d {
+                    let plane: Vec<f32> = (0..h0 * w0).map(|s| src[s * d + c]).collect();
+                    let r = sg_data::resample::resize(&plane, h0, w0, h1, w1, sg_data::resample::Filter::Bicubic)?;
+                    for (s, v) in r.into_iter().enumerate() {
+                        out[s * d + c] = v;
+                    }
+                }
+                store.values_mut(&p).copy_from_slice(&out);
+            }
+        } else {
+            return Err(arg_err(format!(
+                "`{name}` changes shape between stages: {:?} -> {:?}",
+                old.param.shape, p.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(o: &Options) -> Result<Summary> {
     if let Some(t) = o.threads {
         sg_tensor::par::set_threads(t)?;
     }
-    let cfg = o.model_config()?;
-    let mut store = ParamStore::new();
-    let model = Mae3d::new(cfg.clone(), &mut store, o.seed)?;
-    let set = PretrainSet { images: Images::open(&o.data, o.img)?, img: o.img, model: model.clone() };
+    let stages = o.stage_list();
+    let resuming = o.resume && o.out.join(checkpoint::CONFIG).is_file();
+    let (mut r_stage, mut r_step) = (0usize, 0u64);
+    if resuming {
+        let f = sg_tensor::io::SafetensorsFile::open(o.out.join(checkpoint::PARAMS))?;
+        let m = f.metadata();
+        r_stage = m.get("stage").and_then(|v| v.parse().ok()).unwrap_or(0);
+        r_step = m.get("step").and_then(|v| v.parse().ok()).unwrap_or(0);
+        if r_stage >= stages.len() {
+            return Err(arg_err(format!(
+                "{} is from stage {r_stage}, but only {} stages are given",
+                o.out.display(),
+                stages.len()
+            )));
+        }
+    }
+    std::fs::create_dir_all(&o.out)
+        .map_err(|e| TensorError::Io { path: o.out.display().to_string(), msg: e.to_string() })?;
+    let mut summary =
+        Summary { stopped: false, steps: 0, first_loss: f64::NAN, last_loss: f64::NAN, samples_per_s: 0.0 };
+    let mut prev: Option<(ParamStore, (usize, usize))> = None;
+    let mut last = None;
+    for (si, st) in stages.iter().enumerate() {
+        if resuming && si < r_stage {
+            continue;
+        }
+        let mut so = o.clone();
+        so.img = st.img;
+        let cfg = so.model_config()?;
+        let mut store = ParamStore::new();
+        let model = Mae3d::new(cfg.clone(), &mut store, o.seed)?;
+        let mut opt = AdamW::new(&store, weight_decay_groups(&store, 0.05, &[]), 0.9, 0.95, 1e-8)?;
+        let (_, gh, gw) = cfg.encoder.grid();
+        let mut start = 0;
+        if resuming && si == r_stage {
+            let loaded = checkpoint::load(&o.out, &mut store, Some(&mut opt))?;
+            if loaded.config_json != cfg.to_json().to_string() {
+                return Err(arg_err(format!("{} holds a different model configuration", o.out.display())));
+            }
+            start = r_step;
+            if !o.quiet {
+                println!("resuming stage {} at step {start}", si + 1);
+            }
+        } else if let Some((p, grid)) = &prev {
+            transfer(p, *grid, &mut store, (gh, gw), o.pos_transfer)?;
+        }
+        if !o.quiet && stages.len() > 1 {
+            println!("stage {} of {}: {} px", si + 1, stages.len(), st.img);
+        }
+        let images = train_stage(&so, si, st, &model, &mut store, &mut opt, start, &mut summary)?;
+        prev = Some((store.clone(), (gh, gw)));
+        last = Some((model, store, images));
+        if summary.stopped {
+            break;
+        }
+    }
+    let (model, store, images) = last.expect("at least one stage");
+    write_loss_plot(&o.out)?;
+    let samples = (0..images.len().min(4)).map(|i| images.load(i)).collect::<Result<Vec<_>>>()?;
+    write_recon(&o.out.join("recon.png"), &model, &store, &samples, o.seed)?;
+    Ok(summary)
+}
+
+/// Trains one stage from `start` to its last step; returns its images (for the reports).
+#[allow(clippy::too_many_arguments)]
+fn train_stage(
+    o: &Options,
+    si: usize,
+    st: &Stage,
+    model: &Mae3d,
+    store: &mut ParamStore,
+    opt: &mut AdamW,
+    start: u64,
+    summary: &mut Summary,
+) -> Result<Images> {
+    let cfg = &model.cfg;
+    let set = PretrainSet { images: Images::open(&st.data, st.img)?, img: st.img, model: model.clone() };
     if !o.quiet {
         for (d, s) in &set.images.sources {
             println!("data: {} ({}, {} images)", d.display(), s.kind(), s.len());
@@ -298,7 +484,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     if per_epoch == 0 {
         return Err(arg_err(format!("{} images make no batch of {}", loader.dataset().len(), o.batch)));
     }
-    let total = match (o.steps, o.epochs) {
+    let total = match (st.steps, st.epochs) {
         (Some(s), _) => s,
         (_, Some(e)) => e * per_epoch,
         _ => 800,
@@ -306,21 +492,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     let warmup = o.warmup.unwrap_or(total / 10);
     let lr0 = o.blr * o.batch as f64 / 256.0;
     let sched = CosineSchedule { base_lr: lr0, min_lr: 0.0, warmup_steps: warmup, total_steps: total };
-    let mut opt = AdamW::new(&store, weight_decay_groups(&store, 0.05, &[]), 0.9, 0.95, 1e-8)?;
     let config_json = cfg.to_json().to_string();
-    let mut start = 0u64;
-    if o.resume && o.out.join(checkpoint::CONFIG).is_file() {
-        let loaded = checkpoint::load(&o.out, &mut store, Some(&mut opt))?;
-        if loaded.config_json != config_json {
-            return Err(arg_err(format!("{} holds a different model configuration", o.out.display())));
-        }
-        start = loaded.step;
-        if !o.quiet {
-            println!("resuming at step {start}");
-        }
-    }
-    std::fs::create_dir_all(&o.out)
-        .map_err(|e| TensorError::Io { path: o.out.display().to_string(), msg: e.to_string() })?;
     let log_path = o.out.join("log.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -328,9 +500,11 @@ pub fn run(o: &Options) -> Result<Summary> {
         .open(&log_path)
         .map_err(|e| TensorError::Io { path: log_path.display().to_string(), msg: e.to_string() })?;
     let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
-    let mut summary = Summary { steps: 0, first_loss: f64::NAN, last_loss: f64::NAN, samples_per_s: 0.0 };
     let save = |store: &ParamStore, opt: &AdamW, step: u64| {
-        let extra = HashMap::from([("epoch".to_string(), (step / per_epoch).to_string())]);
+        let extra = HashMap::from([
+            ("epoch".to_string(), (step / per_epoch).to_string()),
+            ("stage".to_string(), si.to_string()),
+        ]);
         checkpoint::save(&o.out, store, Some(opt), &config_json, step, &extra)
     };
     let bar = !o.quiet && std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -343,7 +517,7 @@ pub fn run(o: &Options) -> Result<Summary> {
             let n = batch.items.len();
             let tokens: Vec<f32> = batch.items.concat();
             let masking = Masking::random(n, l, cfg.mask_ratio, Rng::derive(o.seed, &[step, 0x3A5C]).next_u64())?;
-            let mut tape = Tape::new(Cpu, &store);
+            let mut tape = Tape::new(Cpu, store);
             let t = tape.constant(&tokens, &[n, l, td])?;
             let out = model.forward(&mut tape, &t, &masking)?;
             if !out.parts.loss.is_finite() {
@@ -358,7 +532,7 @@ pub fn run(o: &Options) -> Result<Summary> {
             }
             let grads = tape.backward(&out.loss)?;
             let lr = sched.lr(step);
-            opt.step(&mut store, &grads.buf, lr)?;
+            opt.step(store, &grads.buf, lr)?;
             drop(grads);
             step += 1;
             if summary.first_loss.is_nan() {
@@ -370,7 +544,7 @@ pub fn run(o: &Options) -> Result<Summary> {
             summary.samples_per_s = sps;
             let eta = (total - step) as f64 * o.batch as f64 / sps.max(1e-9);
             if step % o.log_every == 0 || step == total {
-                let line = log_line(step, epoch, &out.parts, lr, sps);
+                let line = log_line(si, st.img, step, epoch, &out.parts, lr, sps);
                 writeln!(log, "{line}")
                     .map_err(|e| TensorError::Io { path: log_path.display().to_string(), msg: e.to_string() })?;
                 if !o.quiet && !bar {
@@ -397,7 +571,10 @@ pub fn run(o: &Options) -> Result<Summary> {
             }
             let stop = o.stop_at == Some(step);
             if step % o.save_every == 0 || step == total || stop {
-                save(&store, &opt, step)?;
+                save(store, opt, step)?;
+            }
+            if stop {
+                summary.stopped = true;
             }
             if step >= total || stop {
                 break 'epochs;
@@ -407,9 +584,5 @@ pub fn run(o: &Options) -> Result<Summary> {
     if bar {
         println!();
     }
-    write_loss_plot(&o.out)?;
-    let images = &loader.dataset().images;
-    let samples = (0..images.len().min(4)).map(|i| images.load(i)).collect::<Result<Vec<_>>>()?;
-    write_recon(&o.out.join("recon.png"), &model, &store, &samples, o.seed)?;
-    Ok(summary)
+    Ok(loader.dataset().images.clone())
 }

@@ -113,3 +113,45 @@ fn reconstruct_any_readable_image_from_a_checkpoint() {
     assert!(e.contains("README.md"), "{e}");
     assert!(xtask::reconstruct::run(&["--input".into(), "x".into()]).unwrap_err().to_string().contains("required"));
 }
+
+#[test]
+fn progressive_stages_move_the_position_embeddings() {
+    let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/eurosat-ms");
+    let stages = |pos: &str| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["--batch", "4", "--quiet", "--pos-embed", pos].iter().map(|s| s.to_string()).collect();
+        v.extend([
+            "--stage".into(),
+            format!("32:{}:1", fx.display()),
+            "--stage".into(),
+            format!("48:{}:1", fx.display()),
+        ]);
+        v
+    };
+    let (a, b, c) = (tmp("stage-interp"), tmp("stage-reinit"), tmp("stage-resumed"));
+    let with_out = |mut v: Vec<String>, out: &std::path::Path, extra: &[&str]| {
+        v.extend(["--out".into(), out.display().to_string()]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        Options::parse(&v).unwrap()
+    };
+    let s = run(&with_out(stages("interpolate"), &a, &[])).unwrap();
+    assert_eq!(s.steps, 10, "two stages of one epoch of 5 batches");
+    let f = SafetensorsFile::open(a.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(f.f32("pos_embed_spatial").unwrap().0, vec![1, 36, 192], "the 48 px grid is 6 x 6");
+    assert_eq!(f.metadata()["stage"], "1");
+    let log = std::fs::read_to_string(a.join("log.jsonl")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"stage\": 0, \"img\": 32"))
+            && log.lines().any(|l| l.contains("\"stage\": 1, \"img\": 48"))
+    );
+    // Re-initialised embeddings differ from interpolated ones; everything else of stage 2 starts from stage 1.
+    run(&with_out(stages("reinit"), &b, &[])).unwrap();
+    let g = SafetensorsFile::open(b.join("checkpoint.safetensors")).unwrap();
+    assert_ne!(f.f32("pos_embed_spatial").unwrap().1, g.f32("pos_embed_spatial").unwrap().1);
+    // Interrupted in stage 1 and resumed: the same final weights as the straight run.
+    run(&with_out(stages("interpolate"), &c, &["--stop-at", "3"])).unwrap();
+    assert_eq!(SafetensorsFile::open(c.join("checkpoint.safetensors")).unwrap().metadata()["stage"], "0");
+    run(&with_out(stages("interpolate"), &c, &["--resume"])).unwrap();
+    assert_eq!(tensors(&a, "checkpoint.safetensors"), tensors(&c, "checkpoint.safetensors"));
+    assert!(Options::parse(&["--stage".into(), "32:x".into()]).is_err());
+}
