@@ -433,7 +433,8 @@ pub fn run(o: &Options) -> Result<Summary> {
         let mut start = 0;
         if resuming && si == r_stage {
             let loaded = checkpoint::load(&o.out, &mut store, Some(&mut opt))?;
-            if loaded.config_json != cfg.to_json().to_string() {
+            // Compared as JSON values: key order in the stored text does not matter.
+            if parse_json(&loaded.config_json, "checkpoint config")? != cfg.to_json() {
                 return Err(arg_err(format!("{} holds a different model configuration", o.out.display())));
             }
             start = r_step;

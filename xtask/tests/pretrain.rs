@@ -78,6 +78,20 @@ fn divergence_stops_and_keeps_the_last_good_checkpoint() {
 }
 
 #[test]
+fn json_model_configs() {
+    let out = tmp("json");
+    std::fs::create_dir_all(&out).unwrap();
+    let cfg = out.join("small.json");
+    std::fs::write(&cfg, r#"{"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}"#).unwrap();
+    run(&opts(&out, &["--steps", "2", "--config", cfg.to_str().unwrap()])).unwrap();
+    let f = SafetensorsFile::open(out.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(f.f32("norm.weight").unwrap().0, vec![64]);
+    std::fs::write(&cfg, r#"{"embed_dim": 65, "num_heads": 2}"#).unwrap();
+    let e = run(&opts(&out, &["--steps", "2", "--config", cfg.to_str().unwrap()])).unwrap_err().to_string();
+    assert!(e.contains("heads"), "{e}");
+}
+
+#[test]
 fn bad_options_are_errors() {
     assert!(Options::parse(&["--batch".into(), "zero".into()]).is_err());
     assert!(Options::parse(&["--frobnicate".into()]).unwrap_err().to_string().contains("--frobnicate"));
