@@ -2,6 +2,7 @@
 
 pub mod convert;
 pub mod crop;
+pub mod finetune;
 pub mod parity;
 pub mod plot;
 pub mod png;

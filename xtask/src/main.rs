@@ -14,6 +14,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage:
   cargo xtask pretrain [--help for options]
   cargo xtask reconstruct --checkpoint DIR --input FILE.tif|DIR --out FILE.png
+  cargo xtask finetune --task eurosat|bigearthnet [--data DIR] [--init PRETRAIN_DIR] [--epochs N] [--out DIR]
+  cargo xtask eval --task eurosat|bigearthnet --checkpoint DIR --data DIR [--json]
   cargo xtask parity FIXTURE.safetensors...
   cargo xtask convert IN.pth OUT.safetensors
   cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE
@@ -98,6 +100,17 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("reconstruct: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        ["finetune", rest @ ..] | ["eval", rest @ ..] => {
+            let v: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            let r = if args[0] == "finetune" { xtask::finetune::finetune(&v) } else { xtask::finetune::eval(&v) };
+            match r {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{}: {e}", args[0]);
                     ExitCode::FAILURE
                 }
             }

@@ -354,7 +354,7 @@ pub fn write_recon(
 /// Copies every parameter of the previous stage into `store` by name; the spatial position
 /// embeddings, whose grid changes with the image size, are interpolated (bicubic over the grid) or
 /// left at their fresh initialisation.
-fn transfer(
+pub fn transfer(
     prev: &ParamStore,
     prev_grid: (usize, usize),
     store: &mut ParamStore,
