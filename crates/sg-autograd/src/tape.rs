@@ -614,9 +614,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
         spectral_angle: Option<sg_tensor::backend::SpectralAngle>,
     ) -> Result<(Value<B>, sg_tensor::backend::MaeLoss)> {
         let pn = self.check_node(pred)?;
-        let dims = fwd::mae_dims(pred, target, mask, groups, spectral_angle)?;
-        let l = self.backend.mae_loss(&pred.buf, &target.buf, mask, dims)?;
-        let v = fwd::value(self.backend.scalar(l.loss), vec![]);
+        let (v, l, dims) = fwd::mae_loss(&self.backend, pred, target, mask, groups, spectral_angle)?;
         Ok(match pn {
             Some(n) => {
                 let op = Op::MaeLoss {
@@ -634,9 +632,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
 
     fn cross_entropy(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
         let ln = self.check_node(logits)?;
-        let classes = fwd::check_targets(logits, targets)?;
-        let l = self.backend.cross_entropy(&logits.buf, targets, classes)?;
-        let v = fwd::value(self.backend.scalar(l), vec![]);
+        let (v, l, classes) = fwd::cross_entropy(&self.backend, logits, targets)?;
         Ok(match ln {
             Some(n) => {
                 let op =
@@ -649,9 +645,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
 
     fn multilabel_soft_margin(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
         let ln = self.check_node(logits)?;
-        let classes = fwd::check_targets(logits, targets)?;
-        let l = self.backend.multilabel_soft_margin(&logits.buf, targets, classes)?;
-        let v = fwd::value(self.backend.scalar(l), vec![]);
+        let (v, l, classes) = fwd::multilabel_soft_margin(&self.backend, logits, targets)?;
         Ok(match ln {
             Some(n) => {
                 let op = Op::MultiLabelSoftMargin {
@@ -674,9 +668,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
         ignore: usize,
     ) -> Result<(Value<B>, f64)> {
         let ln = self.check_node(logits)?;
-        fwd::check_labels(logits, labels, weights)?;
-        let l = self.backend.weighted_cross_entropy(&logits.buf, labels, weights, ignore)?;
-        let v = fwd::value(self.backend.scalar(l), vec![]);
+        let (v, l) = fwd::weighted_cross_entropy(&self.backend, logits, labels, weights, ignore)?;
         Ok(match ln {
             Some(n) => {
                 let op = Op::WeightedCrossEntropy {

@@ -329,6 +329,51 @@ pub mod fwd {
             _ => shape_err("cross_entropy", format!("logits {:?} with {} target values", logits.shape, targets.len())),
         }
     }
+
+    /// The MAE loss as a scalar value, its parts, and the dimensions its backward needs.
+    pub fn mae_loss<B: Backend>(
+        be: &B,
+        pred: &Value<B>,
+        target: &Value<B>,
+        mask: &[f32],
+        groups: usize,
+        spectral_angle: Option<SpectralAngle>,
+    ) -> Result<(Value<B>, MaeLoss, MaeLossDims)> {
+        let d = mae_dims(pred, target, mask, groups, spectral_angle)?;
+        let l = be.mae_loss(&pred.buf, &target.buf, mask, d)?;
+        Ok((value(be.scalar(l.loss), vec![]), l, d))
+    }
+
+    /// Cross-entropy against target distributions: the scalar value, the loss, the class count.
+    pub fn cross_entropy<B: Backend>(be: &B, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64, usize)> {
+        let c = check_targets(logits, targets)?;
+        let l = be.cross_entropy(&logits.buf, targets, c)?;
+        Ok((value(be.scalar(l), vec![]), l, c))
+    }
+
+    /// Multi-label soft margin: the scalar value, the loss, the class count.
+    pub fn multilabel_soft_margin<B: Backend>(
+        be: &B,
+        logits: &Value<B>,
+        targets: &[f32],
+    ) -> Result<(Value<B>, f64, usize)> {
+        let c = check_targets(logits, targets)?;
+        let l = be.multilabel_soft_margin(&logits.buf, targets, c)?;
+        Ok((value(be.scalar(l), vec![]), l, c))
+    }
+
+    /// Class-weighted cross-entropy: the scalar value and the loss.
+    pub fn weighted_cross_entropy<B: Backend>(
+        be: &B,
+        logits: &Value<B>,
+        labels: &[usize],
+        weights: &[f32],
+        ignore: usize,
+    ) -> Result<(Value<B>, f64)> {
+        check_labels(logits, labels, weights)?;
+        let l = be.weighted_cross_entropy(&logits.buf, labels, weights, ignore)?;
+        Ok((value(be.scalar(l), vec![]), l))
+    }
 }
 
 /// Runs ops at once on a backend, recording nothing: inference.
@@ -420,21 +465,18 @@ impl<B: Backend> Exec for Eval<'_, B> {
         groups: usize,
         spectral_angle: Option<SpectralAngle>,
     ) -> Result<(Value<B>, MaeLoss)> {
-        let d = fwd::mae_dims(pred, target, mask, groups, spectral_angle)?;
-        let l = self.backend.mae_loss(&pred.buf, &target.buf, mask, d)?;
-        Ok((fwd::value(self.backend.scalar(l.loss), vec![]), l))
+        let (v, l, _) = fwd::mae_loss(&self.backend, pred, target, mask, groups, spectral_angle)?;
+        Ok((v, l))
     }
 
     fn cross_entropy(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
-        let c = fwd::check_targets(logits, targets)?;
-        let l = self.backend.cross_entropy(&logits.buf, targets, c)?;
-        Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+        let (v, l, _) = fwd::cross_entropy(&self.backend, logits, targets)?;
+        Ok((v, l))
     }
 
     fn multilabel_soft_margin(&mut self, logits: &Value<B>, targets: &[f32]) -> Result<(Value<B>, f64)> {
-        let c = fwd::check_targets(logits, targets)?;
-        let l = self.backend.multilabel_soft_margin(&logits.buf, targets, c)?;
-        Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+        let (v, l, _) = fwd::multilabel_soft_margin(&self.backend, logits, targets)?;
+        Ok((v, l))
     }
 
     fn weighted_cross_entropy(
@@ -444,9 +486,7 @@ impl<B: Backend> Exec for Eval<'_, B> {
         weights: &[f32],
         ignore: usize,
     ) -> Result<(Value<B>, f64)> {
-        fwd::check_labels(logits, labels, weights)?;
-        let l = self.backend.weighted_cross_entropy(&logits.buf, labels, weights, ignore)?;
-        Ok((fwd::value(self.backend.scalar(l), vec![]), l))
+        fwd::weighted_cross_entropy(&self.backend, logits, labels, weights, ignore)
     }
 
     fn dropout(&mut self, x: &Value<B>, _p: f32) -> Result<Value<B>> {
