@@ -1,5 +1,6 @@
 //! Project tasks behind `cargo xtask` (see `main.rs` for the commands).
 
+pub mod bench;
 pub mod convert;
 pub mod crop;
 pub mod finetune;

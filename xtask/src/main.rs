@@ -19,6 +19,7 @@ const USAGE: &str = "usage:
   cargo xtask parity FIXTURE.safetensors...
   cargo xtask convert IN.pth OUT.safetensors
   cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE
+  cargo xtask bench pretrain|infer [--size base --img 96 --batch 8 --steps 5 --threads N]
   cargo xtask bench kernels [FILTER]";
 
 fn parity(files: &[&str]) -> ExitCode {
@@ -142,6 +143,18 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("crop-scene: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        ["bench", task @ ("pretrain" | "infer"), rest @ ..] => {
+            match xtask::bench::run(task, &rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+                Ok(j) => {
+                    println!("{j}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench: {e}");
                     ExitCode::FAILURE
                 }
             }

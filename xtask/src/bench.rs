@@ -1,0 +1,110 @@
+//! `cargo xtask bench pretrain|infer`: the model timed the way `../shared/bench/torch_baseline.py`
+//! times the PyTorch reference, printing, as the last line, one JSON object with the same fields
+//! (impl, task, size, img, bands, batch, threads, step_s, samples_per_s, peak_rss_mib).
+//! A pretrain step is forward + backward + AdamW at mask ratio 0.9; infer is a classifier forward
+//! with no tape. Inputs are random (speed does not depend on their values); the median over the
+//! timed steps is reported, after one untimed warm-up step.
+
+use std::time::Instant;
+
+use sg_autograd::optim::{weight_decay_groups, AdamW};
+use sg_autograd::Tape;
+use sg_mae3d::{Mae3d, MaeConfig, Masking};
+use sg_tensor::backend::Cpu;
+use sg_tensor::rng::Rng;
+use sg_tensor::{Eval, Exec, ParamStore, Result, TensorError};
+use sg_vit::config::{PosEmbed, VitConfig};
+use sg_vit::Vit;
+
+pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N]";
+
+/// Peak resident memory of this process in MiB (VmHWM), 0 where /proc is unavailable.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
+    let err = |m: String| TensorError::Arg { op: "bench", msg: format!("{m}\n{USAGE}") };
+    let (mut size, mut img, mut bands, mut batch, mut steps, mut threads) =
+        ("base".to_string(), 96usize, 12usize, 8usize, 5usize, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().ok_or_else(|| err(format!("{a} needs a value")))?;
+        let n = || v.parse::<usize>().map_err(|_| err(format!("{a}: `{v}` is not a whole number")));
+        match a.as_str() {
+            "--size" => size = v.clone(),
+            "--img" => img = n()?,
+            "--bands" => bands = n()?,
+            "--batch" => batch = n()?,
+            "--steps" => steps = n()?,
+            "--threads" => threads = Some(n()?),
+            other => return Err(err(format!("unknown option `{other}`"))),
+        }
+    }
+    if let Some(t) = threads {
+        sg_tensor::par::set_threads(t)?;
+    }
+    let mut rng = Rng::new(0);
+    let mut times = Vec::new();
+    match task {
+        "pretrain" => {
+            let mut cfg = MaeConfig::preset(&size, img)?;
+            cfg.encoder.bands = bands;
+            cfg.validate()?;
+            let mut store = ParamStore::new();
+            let model = Mae3d::new(cfg.clone(), &mut store, 0)?;
+            let mut opt = AdamW::new(&store, weight_decay_groups(&store, 0.05, &[]), 0.9, 0.95, 1e-8)?;
+            let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
+            for s in 0..=steps {
+                let x: Vec<f32> = (0..batch * l * td).map(|_| rng.uniform() as f32).collect();
+                let m = Masking::random(batch, l, 0.9, s as u64)?;
+                let t0 = Instant::now();
+                let mut tape = Tape::new(Cpu, &store);
+                let t = tape.constant(&x, &[batch, l, td])?;
+                let out = model.forward(&mut tape, &t, &m)?;
+                let grads = tape.backward(&out.loss)?;
+                opt.step(&mut store, &grads.buf, 1e-4)?;
+                drop(grads);
+                if s > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        "infer" => {
+            let mut cfg = VitConfig::preset(&size, img)?;
+            cfg.bands = bands;
+            cfg.num_classes = 10;
+            cfg.pos_embed = PosEmbed::Joined;
+            cfg.validate()?;
+            let mut store = ParamStore::new();
+            let model = Vit::new(cfg.clone(), &mut store, 0)?;
+            let (l, td) = (cfg.tokens(), cfg.token_dim());
+            for s in 0..=steps {
+                let x: Vec<f32> = (0..batch * l * td).map(|_| rng.normal() as f32).collect();
+                let t0 = Instant::now();
+                let mut e = Eval::new(Cpu, &store);
+                let t = e.constant(&x, &[batch, l, td])?;
+                let logits = model.logits(&mut e, &t)?;
+                std::hint::black_box(&logits);
+                if s > 0 {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+        }
+        other => return Err(err(format!("unknown benchmark `{other}`: pretrain or infer"))),
+    }
+    times.sort_by(f64::total_cmp);
+    let med = if times.is_empty() { f64::NAN } else { times[times.len() / 2] };
+    Ok(serde_json::json!({
+        "impl": format!("spectralgpt-rs-{}-{}", env!("CARGO_PKG_VERSION"), sg_tensor::simd::isa().name()),
+        "task": task, "size": size, "img": img, "bands": bands, "batch": batch,
+        "threads": sg_tensor::par::threads(), "step_s": (med * 1e4).round() / 1e4,
+        "samples_per_s": (batch as f64 / med * 1e3).round() / 1e3,
+        "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
+    }))
+}
