@@ -46,6 +46,9 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             other => return Err(err(format!("unknown option `{other}`"))),
         }
     }
+    if batch == 0 || steps == 0 {
+        return Err(err("--batch and --steps must be at least 1".into()));
+    }
     if let Some(t) = threads {
         sg_tensor::par::set_threads(t)?;
     }

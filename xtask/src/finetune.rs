@@ -275,7 +275,7 @@ fn parse(args: &[String]) -> Result<Args> {
     if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(arg_err(format!("unknown option --{k}\n{USAGE}")));
     }
-    Ok(Args {
+    let a = Args {
         task,
         data: kv
             .get("data")
@@ -298,7 +298,17 @@ fn parse(args: &[String]) -> Result<Args> {
             .get("out")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(format!("runs/finetune-{}", task.name()))),
-    })
+    };
+    if a.batch == 0 || a.epochs == 0 {
+        return Err(arg_err("--batch and --epochs must be at least 1".into()));
+    }
+    if !(a.val_fraction > 0.0 && a.val_fraction < 1.0) {
+        return Err(arg_err(format!("--val-fraction {} must lie strictly between 0 and 1", a.val_fraction)));
+    }
+    if !(a.blr > 0.0 && a.blr.is_finite()) {
+        return Err(arg_err(format!("--blr {} must be a positive number", a.blr)));
+    }
+    Ok(a)
 }
 
 /// Fine-tunes and writes `checkpoint.safetensors`, `config.json` and `metrics.json`; returns the

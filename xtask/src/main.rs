@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             let opts = match xtask::pretrain::Options::parse(&rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
                 Ok(o) => o,
                 Err(e) => {
-                    eprintln!("pretrain: {e}");
+                    eprintln!("error: {e}");
                     return ExitCode::from(2);
                 }
             };
@@ -88,7 +88,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("pretrain: {e}");
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("reconstruct: {e}");
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
             match r {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("{}: {e}", args[0]);
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -142,7 +142,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("crop-scene: {e}");
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -154,7 +154,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("bench: {e}");
+                    eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -101,4 +101,11 @@ fn unsupported_tasks_and_options_are_errors() {
     assert!(e.contains("segmentation"), "{e}");
     assert!(xtask::finetune::finetune(&args(&["--task", "eurosat", "--bogus", "1"])).is_err());
     assert!(xtask::finetune::eval(&args(&["--task", "eurosat"])).is_err());
+    for bad in [["--batch", "0"], ["--epochs", "0"], ["--val-fraction", "1.5"], ["--blr", "-1"]] {
+        let mut a = args(&["--task", "eurosat"]);
+        a.extend(args(&bad));
+        assert!(xtask::finetune::finetune(&a).is_err(), "{bad:?} accepted");
+    }
+    assert!(xtask::bench::run("pretrain", &args(&["--batch", "0"])).is_err());
+    assert!(xtask::bench::run("infer", &args(&["--steps", "0"])).is_err());
 }
