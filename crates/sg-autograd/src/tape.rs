@@ -12,7 +12,7 @@
 
 use std::ops::Range;
 
-use sg_tensor::backend::{Backend, Grad, MaeLossDims, ParamGrads, Slice, SliceMut};
+use sg_tensor::backend::{Backend, Conv2dDims, Grad, MaeLossDims, ParamGrads, Slice, SliceMut};
 use sg_tensor::exec::{fwd, NodeId, Value};
 use sg_tensor::kernels::attention::AttnShape;
 use sg_tensor::kernels::linear::Activation;
@@ -83,6 +83,14 @@ enum Op<B: Backend> {
     },
     Reshape {
         x: NodeId,
+    },
+    Conv2d {
+        x: Option<NodeId>,
+        /// Saved only when the weight trains.
+        x_val: Option<B::Buf>,
+        w: ParamRef,
+        b: Option<ParamRef>,
+        dims: Conv2dDims,
     },
     Permute {
         x: NodeId,
@@ -419,6 +427,13 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.mean_tokens_backward(&dy, bt, l, d, skip_first, s)?;
             }
+            Op::Conv2d { x, x_val, w, b, dims } => {
+                let dy = need(&dy)?;
+                let wslice = Slice { buf: &self.params, range: w.range() };
+                let dx = get(slot(slots, x));
+                let pg = self.layer_grads(x_val.as_ref().map(|_| &w), b.as_ref(), grads)?;
+                be.conv2d_backward(x_val.as_ref(), wslice, &dy, dims, dx, pg)?;
+            }
             Op::Permute { x, out_shape, perm } => {
                 let dy = need(&dy)?;
                 let back = be.permute(&dy, &out_shape, &fwd::inverse_perm(&perm))?;
@@ -581,6 +596,26 @@ impl<B: Backend> Exec for Tape<'_, B> {
             }
             None => Ok(y),
         }
+    }
+
+    fn conv2d(
+        &mut self,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let dims = fwd::conv2d_dims(x, w, stride, pad)?;
+        let tw = self.trainable(w);
+        let tb = b.is_some_and(|b| self.trainable(b));
+        let y = fwd::conv2d(&self.backend, &self.params, x, w, b, dims)?;
+        if xn.is_none() && !tw && !tb {
+            return Ok(y);
+        }
+        let op = Op::Conv2d { x: xn, x_val: tw.then(|| x.buf.clone()), w: w.clone(), b: b.cloned(), dims };
+        Ok(self.record(op, y))
     }
 
     fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {

@@ -123,6 +123,24 @@ impl Graph for LinearG {
     }
 }
 
+/// Two stacked convolutions, so that the first one's input gradient flows through the second.
+struct ConvG {
+    x: ParamRef,
+    w1: ParamRef,
+    b1: Option<ParamRef>,
+    w2: ParamRef,
+    stride: usize,
+    pad: usize,
+}
+impl Graph for ConvG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let y = e.conv2d(&x, &self.w1, self.b1.as_ref(), self.stride, self.pad)?;
+        let z = e.conv2d(&y, &self.w2, None, 1, 1)?;
+        probe(e, &z, 5)
+    }
+}
+
 struct LayerNormG {
     x: ParamRef,
     w: ParamRef,
@@ -343,6 +361,14 @@ proptest! {
     }
 
     #[test]
+    fn conv2d_grads(seed in any::<u64>(), b in 1usize..3, cin in 1usize..3, h in 1usize..5, w in 1usize..5,
+                    cout in 1usize..3, k in 1usize..4, stride in 1usize..3, pad in 0usize..2, bias in any::<bool>()) {
+        prop_assume!(h + 2 * pad >= k && w + 2 * pad >= k);
+        let (c, r) = Check::new(&[("x", vec![b, cin, h, w]), ("w1", vec![cout, cin, k, k]), ("b1", vec![cout]), ("w2", vec![2, cout, 3, 3])], seed);
+        c.run(&ConvG { x: r[0].clone(), w1: r[1].clone(), b1: bias.then(|| r[2].clone()), w2: r[3].clone(), stride, pad });
+    }
+
+    #[test]
     fn layernorm_grads(seed in any::<u64>(), rows in 1usize..5, d in 2usize..9) {
         let (c, r) = Check::new(&[("x", vec![rows, d]), ("w", vec![d]), ("b", vec![d])], seed);
         // A LayerNorm over a handful of features is ill-conditioned in f32 (the input gradient is a
@@ -470,6 +496,26 @@ fn bad_graphs_are_errors() {
     // Backward must start from a loss.
     let t2 = Tape::new(Cpu, &c.store);
     assert!(t2.backward(&w).is_err());
+}
+
+#[test]
+fn conv2d_matches_worked_values_and_rejects_bad_shapes() {
+    // A 2x2 all-ones kernel with bias 0.5 over a 3x3 ramp, padding 1, stride 2: sums of the
+    // in-bounds pixels of each window at (-1,-1), (-1,1), (1,-1), (1,1).
+    let (c, r) = Check::new(&[("w", vec![1, 1, 2, 2]), ("b", vec![1]), ("bad", vec![1, 2, 2, 2])], 1);
+    let mut store = c.store.clone();
+    store.values_mut(&r[0]).fill(1.0);
+    store.values_mut(&r[1]).fill(0.5);
+    let mut e = sg_tensor::exec::Eval::new(Cpu, &store);
+    let x = e.constant(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], &[1, 1, 3, 3]).unwrap();
+    let y = e.conv2d(&x, &r[0], Some(&r[1]), 2, 1).unwrap();
+    assert_eq!(y.shape, [1, 1, 2, 2]);
+    assert_eq!(e.read(&y), [1.5, 5.5, 11.5, 28.5]);
+    let err = e.conv2d(&x, &r[2], None, 1, 0).unwrap_err().to_string();
+    assert!(err.contains("channels"), "{err}");
+    assert!(e.conv2d(&x, &r[0], None, 0, 0).is_err());
+    let tiny = e.constant(&[1.0], &[1, 1, 1, 1]).unwrap();
+    assert!(e.conv2d(&tiny, &r[0], None, 1, 0).unwrap_err().to_string().contains("does not fit"));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! the same trait, runs the same forward functions ([`fwd`]) keeping what its backward needs, and
 //! records each op.
 
-use crate::backend::{Backend, MaeLoss, MaeLossDims, Slice, SpectralAngle};
+use crate::backend::{Backend, Conv2dDims, MaeLoss, MaeLossDims, Slice, SpectralAngle};
 use crate::error::{Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::linear::Activation;
@@ -78,6 +78,16 @@ pub trait Exec {
     fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
     /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
     fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
+    /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), with zero
+    /// padding `pad` on every side: the segmentation and change-detection heads.
+    fn conv2d(
+        &mut self,
+        x: &Value<Self::B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value<Self::B>>;
     /// The axes reordered (a copy): output axis `i` is input axis `perm[i]`.
     fn permute(&mut self, x: &Value<Self::B>, perm: &[usize]) -> Result<Value<Self::B>>;
     /// The same data with another shape of equal size.
@@ -267,6 +277,45 @@ pub mod fwd {
         Ok(value(be.mean_tokens(&x.buf, b, l, d, skip_first)?, vec![b, d]))
     }
 
+    /// The checked sizes of a convolution of `x` by `w`.
+    pub fn conv2d_dims<B: Backend>(x: &Value<B>, w: &ParamRef, stride: usize, pad: usize) -> Result<Conv2dDims> {
+        let op = "conv2d";
+        let (&[batch, cin, h, wd], &[cout, wcin, kh, kw]) = (x.shape.as_slice(), w.shape.as_slice()) else {
+            return shape_err(op, format!("input {:?} and weight {:?} must both have 4 axes", x.shape, w.shape));
+        };
+        if wcin != cin {
+            return shape_err(
+                op,
+                format!("input {:?} has {cin} channels, weight {:?} expects {wcin}", x.shape, w.shape),
+            );
+        }
+        if stride == 0 || kh == 0 || kw == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+            return shape_err(
+                op,
+                format!("a {kh}x{kw} kernel (stride {stride}, pad {pad}) does not fit input {:?}", x.shape),
+            );
+        }
+        Ok(Conv2dDims { batch, cin, h, w: wd, cout, kh, kw, stride, pad })
+    }
+
+    pub fn conv2d<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        d: Conv2dDims,
+    ) -> Result<Value<B>> {
+        if let Some(b) = b {
+            if b.shape != [d.cout] {
+                return shape_err("conv2d", format!("bias {:?} for {} output channels", b.shape, d.cout));
+            }
+        }
+        let y = be.conv2d(&x.buf, slice(params, w), b.map(|b| slice(params, b)), d)?;
+        let (ho, wo) = d.out_hw();
+        Ok(value(y, vec![d.batch, d.cout, ho, wo]))
+    }
+
     pub fn permute<B: Backend>(be: &B, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
         let y = be.permute(&x.buf, &x.shape, perm)?;
         Ok(value(y, perm.iter().map(|&p| x.shape[p]).collect()))
@@ -447,6 +496,18 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
         fwd::mean_tokens(&self.backend, x, skip_first)
+    }
+
+    fn conv2d(
+        &mut self,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value<B>> {
+        let d = fwd::conv2d_dims(x, w, stride, pad)?;
+        fwd::conv2d(&self.backend, &self.params, x, w, b, d)
     }
 
     fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {

@@ -3,7 +3,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::{split_two, Backend, Grad, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut};
+use super::{conv_src, split_two, Backend, Conv2dDims, Grad, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut};
 use crate::error::{check_len, Result, TensorError};
 use crate::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
 use crate::kernels::gemm::{gemm, Trans};
@@ -295,6 +295,131 @@ impl Backend for Cpu {
     fn permute(&self, x: &Buf, shape: &[usize], perm: &[usize]) -> Result<Buf> {
         check_len("permute", "x", x.len(), shape.iter().product())?;
         Ok(Arc::new(super::permute_index(shape, perm)?.into_iter().map(|i| x[i]).collect()))
+    }
+
+    fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
+        let op = "conv2d";
+        check_len(op, "x", x.len(), d.batch * d.cin * d.h * d.w)?;
+        check_len(op, "weight", w.range.len(), d.cout * d.k())?;
+        let (ho, wo) = d.out_hw();
+        let (k, p) = (d.k(), ho * wo);
+        let mut out = vec![0f32; d.batch * d.cout * p];
+        let mut cols = vec![0f32; k * p];
+        for n in 0..d.batch {
+            let img = &x[n * d.cin * d.h * d.w..(n + 1) * d.cin * d.h * d.w];
+            // im2col: row r = (channel, ki, kj), column = output position.
+            for r in 0..k {
+                for i in 0..ho {
+                    for j in 0..wo {
+                        cols[r * p + i * wo + j] = conv_src(&d, r, i, j).map_or(0.0, |s| img[s]);
+                    }
+                }
+            }
+            let o = &mut out[n * d.cout * p..(n + 1) * d.cout * p];
+            gemm(Trans::N, Trans::N, d.cout, p, k, 1.0, sl(&w), k, &cols, p, 0.0, o, p)?;
+            if let Some(b) = &b {
+                for (row, &bias) in o.chunks_exact_mut(p).zip(sl(b)) {
+                    row.iter_mut().for_each(|v| *v += bias);
+                }
+            }
+        }
+        Ok(Arc::new(out))
+    }
+
+    fn conv2d_backward(
+        &self,
+        x: Option<&Buf>,
+        w: Slice<Self>,
+        dy: &Buf,
+        d: Conv2dDims,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()> {
+        let op = "conv2d_backward";
+        let (ho, wo) = d.out_hw();
+        let (k, p, chw) = (d.k(), ho * wo, d.cin * d.h * d.w);
+        check_len(op, "dy", dy.len(), d.batch * d.cout * p)?;
+        let mut cols = vec![0f32; k * p];
+        if let Some(g) = dx {
+            let (dxs, mode) = slot(op, g, d.batch * chw)?;
+            if mode == Dst::Overwrite {
+                dxs.fill(0.0);
+            }
+            for n in 0..d.batch {
+                // dcols = W^T dy_n, folded back (col2im) into dx.
+                gemm(
+                    Trans::T,
+                    Trans::N,
+                    k,
+                    p,
+                    d.cout,
+                    1.0,
+                    sl(&w),
+                    k,
+                    &dy[n * d.cout * p..(n + 1) * d.cout * p],
+                    p,
+                    0.0,
+                    &mut cols,
+                    p,
+                )?;
+                let dimg = &mut dxs[n * chw..(n + 1) * chw];
+                for r in 0..k {
+                    for i in 0..ho {
+                        for j in 0..wo {
+                            if let Some(s) = conv_src(&d, r, i, j) {
+                                dimg[s] += cols[r * p + i * wo + j];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(pg) = pg {
+            let (wm, bm) = (pg.w.as_ref().map(|w| w.1), pg.b.as_ref().map(|b| b.1));
+            let buf = Arc::make_mut(pg.buf).as_mut_slice();
+            let (dw, db) = split_two(buf, pg.w.map(|w| w.0), pg.b.map(|b| b.0));
+            if let (Some(dw), Some(mode)) = (dw, wm) {
+                let x = x.ok_or_else(|| TensorError::Arg { op, msg: "the weight gradient needs the input".into() })?;
+                for n in 0..d.batch {
+                    let img = &x[n * chw..(n + 1) * chw];
+                    for r in 0..k {
+                        for i in 0..ho {
+                            for j in 0..wo {
+                                cols[r * p + i * wo + j] = conv_src(&d, r, i, j).map_or(0.0, |s| img[s]);
+                            }
+                        }
+                    }
+                    // dW (=|+=) dy_n cols^T.
+                    let beta = if n == 0 && mode == Dst::Overwrite { 0.0 } else { 1.0 };
+                    gemm(
+                        Trans::N,
+                        Trans::T,
+                        d.cout,
+                        k,
+                        p,
+                        1.0,
+                        &dy[n * d.cout * p..(n + 1) * d.cout * p],
+                        p,
+                        &cols,
+                        p,
+                        beta,
+                        dw,
+                        k,
+                    )?;
+                }
+            }
+            if let (Some(db), Some(mode)) = (db, bm) {
+                if mode == Dst::Overwrite {
+                    db.fill(0.0);
+                }
+                for n in 0..d.batch {
+                    for (o, row) in dy[n * d.cout * p..(n + 1) * d.cout * p].chunks_exact(p).enumerate() {
+                        db[o] += row.iter().sum::<f32>();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::{split_two, Backend, Grad, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut};
+use super::{conv_src, split_two, Backend, Conv2dDims, Grad, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut};
 use crate::error::{check_len, Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::gelu::reference::{gelu, gelu_grad};
@@ -309,6 +309,77 @@ impl Backend for CpuF64 {
     fn permute(&self, x: &Buf, shape: &[usize], perm: &[usize]) -> Result<Buf> {
         check_len("permute", "x", x.len(), shape.iter().product())?;
         Ok(Arc::new(super::permute_index(shape, perm)?.into_iter().map(|i| x[i]).collect()))
+    }
+
+    fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
+        check_len("conv2d", "x", x.len(), d.batch * d.cin * d.h * d.w)?;
+        let (ho, wo) = d.out_hw();
+        let (k, chw) = (d.k(), d.cin * d.h * d.w);
+        let (wv, bv) = (sl(&w), b.as_ref().map(sl));
+        let mut out = vec![0.0; d.batch * d.cout * ho * wo];
+        for n in 0..d.batch {
+            for o in 0..d.cout {
+                for i in 0..ho {
+                    for j in 0..wo {
+                        let s: f64 =
+                            (0..k).filter_map(|r| conv_src(&d, r, i, j).map(|s| x[n * chw + s] * wv[o * k + r])).sum();
+                        out[((n * d.cout + o) * ho + i) * wo + j] = s + bv.map_or(0.0, |b| b[o]);
+                    }
+                }
+            }
+        }
+        Ok(Arc::new(out))
+    }
+
+    fn conv2d_backward(
+        &self,
+        x: Option<&Buf>,
+        w: Slice<Self>,
+        dy: &Buf,
+        d: Conv2dDims,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()> {
+        let (ho, wo) = d.out_hw();
+        let (k, chw, p) = (d.k(), d.cin * d.h * d.w, ho * wo);
+        let wv = sl(&w);
+        if let Some(g) = dx {
+            let mut gx = vec![0.0; d.batch * chw];
+            for n in 0..d.batch {
+                for o in 0..d.cout {
+                    for i in 0..ho {
+                        for j in 0..wo {
+                            let g = dy[(n * d.cout + o) * p + i * wo + j];
+                            for r in 0..k {
+                                if let Some(s) = conv_src(&d, r, i, j) {
+                                    gx[n * chw + s] += g * wv[o * k + r];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            write_slot("conv2d_backward", g, gx.len(), |i| gx[i])?;
+        }
+        let empty = Vec::new();
+        let xv: &[f64] = x.map_or(&empty, |x| x);
+        if pg.as_ref().is_some_and(|p| p.w.is_some()) && xv.len() != d.batch * chw {
+            return Err(TensorError::Arg { op: "conv2d_backward", msg: "the weight gradient needs the input".into() });
+        }
+        write_params(
+            pg,
+            |i| {
+                let (o, r) = (i / k, i % k);
+                (0..d.batch)
+                    .flat_map(|n| (0..ho).flat_map(move |ii| (0..wo).map(move |jj| (n, ii, jj))))
+                    .filter_map(|(n, ii, jj)| {
+                        conv_src(&d, r, ii, jj).map(|s| dy[(n * d.cout + o) * p + ii * wo + jj] * xv[n * chw + s])
+                    })
+                    .sum()
+            },
+            |o| (0..d.batch).map(|n| dy[(n * d.cout + o) * p..(n * d.cout + o + 1) * p].iter().sum::<f64>()).sum(),
+        );
+        Ok(())
     }
 
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {

@@ -81,6 +81,42 @@ pub(crate) fn split_two<T>(
     }
 }
 
+/// Sizes of a 2-d convolution (no groups, no dilation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dDims {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Conv2dDims {
+    /// Output height and width.
+    pub fn out_hw(&self) -> (usize, usize) {
+        ((self.h + 2 * self.pad - self.kh) / self.stride + 1, (self.w + 2 * self.pad - self.kw) / self.stride + 1)
+    }
+
+    /// Rows of the unfolded input (`cin * kh * kw`).
+    pub fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+}
+
+/// The source pixel of unfolded row `r` (channel, ki, kj) at output position (i, j), or `None` in
+/// the zero padding.
+#[inline]
+pub(crate) fn conv_src(d: &Conv2dDims, r: usize, i: usize, j: usize) -> Option<usize> {
+    let (c, ki, kj) = (r / (d.kh * d.kw), r / d.kw % d.kh, r % d.kw);
+    let y = (i * d.stride + ki) as isize - d.pad as isize;
+    let x = (j * d.stride + kj) as isize - d.pad as isize;
+    (y >= 0 && x >= 0 && (y as usize) < d.h && (x as usize) < d.w).then(|| (c * d.h + y as usize) * d.w + x as usize)
+}
+
 /// Dimensions of the MAE reconstruction loss: `batch` images of `groups` spectral groups of
 /// `spatial` tokens, each token `feat` values (`u * p * p`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -205,6 +241,19 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// The axes of a row-major `shape` reordered: output axis `i` is input axis `perm[i]`.
     fn permute(&self, x: &Self::Buf, shape: &[usize], perm: &[usize]) -> Result<Self::Buf>;
+
+    /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), zero padding.
+    fn conv2d(&self, x: &Self::Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Self::Buf>;
+    /// Backward of [`Backend::conv2d`]: `dx`, and `dw` / `db` (`x` is needed only for `dw`).
+    fn conv2d_backward(
+        &self,
+        x: Option<&Self::Buf>,
+        w: Slice<Self>,
+        dy: &Self::Buf,
+        d: Conv2dDims,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()>;
 
     /// `a + b` (equal lengths).
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
