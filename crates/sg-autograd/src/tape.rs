@@ -84,6 +84,11 @@ enum Op<B: Backend> {
     Reshape {
         x: NodeId,
     },
+    Relu {
+        x: NodeId,
+        /// The output: its sign is the mask.
+        y: B::Buf,
+    },
     Conv2d {
         x: Option<NodeId>,
         /// Saved only when the weight trains.
@@ -427,6 +432,11 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.mean_tokens_backward(&dy, bt, l, d, skip_first, s)?;
             }
+            Op::Relu { x, y } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.relu_backward(&y, &dy, s)?;
+            }
             Op::Conv2d { x, x_val, w, b, dims } => {
                 let dy = need(&dy)?;
                 let wslice = Slice { buf: &self.params, range: w.range() };
@@ -596,6 +606,18 @@ impl<B: Backend> Exec for Tape<'_, B> {
             }
             None => Ok(y),
         }
+    }
+
+    fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let y: Value<B> = fwd::value(self.backend.relu(&x.buf)?, x.shape.clone());
+        Ok(match xn {
+            Some(n) => {
+                let op = Op::Relu { x: n, y: y.buf.clone() };
+                self.record(op, y)
+            }
+            None => y,
+        })
     }
 
     fn conv2d(

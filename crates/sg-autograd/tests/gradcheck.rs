@@ -131,11 +131,13 @@ struct ConvG {
     w2: ParamRef,
     stride: usize,
     pad: usize,
+    relu: bool,
 }
 impl Graph for ConvG {
     fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
         let x = e.param(&self.x)?;
         let y = e.conv2d(&x, &self.w1, self.b1.as_ref(), self.stride, self.pad)?;
+        let y = if self.relu { e.relu(&y)? } else { y };
         let z = e.conv2d(&y, &self.w2, None, 1, 1)?;
         probe(e, &z, 5)
     }
@@ -362,10 +364,11 @@ proptest! {
 
     #[test]
     fn conv2d_grads(seed in any::<u64>(), b in 1usize..3, cin in 1usize..3, h in 1usize..5, w in 1usize..5,
-                    cout in 1usize..3, k in 1usize..4, stride in 1usize..3, pad in 0usize..2, bias in any::<bool>()) {
+                    cout in 1usize..3, k in 1usize..4, stride in 1usize..3, pad in 0usize..2, bias in any::<bool>(),
+                    relu in any::<bool>()) {
         prop_assume!(h + 2 * pad >= k && w + 2 * pad >= k);
         let (c, r) = Check::new(&[("x", vec![b, cin, h, w]), ("w1", vec![cout, cin, k, k]), ("b1", vec![cout]), ("w2", vec![2, cout, 3, 3])], seed);
-        c.run(&ConvG { x: r[0].clone(), w1: r[1].clone(), b1: bias.then(|| r[2].clone()), w2: r[3].clone(), stride, pad });
+        c.run(&ConvG { x: r[0].clone(), w1: r[1].clone(), b1: bias.then(|| r[2].clone()), w2: r[3].clone(), stride, pad, relu });
     }
 
     #[test]
@@ -511,6 +514,12 @@ fn conv2d_matches_worked_values_and_rejects_bad_shapes() {
     let y = e.conv2d(&x, &r[0], Some(&r[1]), 2, 1).unwrap();
     assert_eq!(y.shape, [1, 1, 2, 2]);
     assert_eq!(e.read(&y), [1.5, 5.5, 11.5, 28.5]);
+    let v = e.constant(&[-1.0, 0.0, 2.5, f32::NEG_INFINITY], &[4]).unwrap();
+    let v = e.relu(&v).unwrap();
+    assert_eq!(e.read(&v), [0.0, 0.0, 2.5, 0.0]);
+    let nan = e.constant(&[f32::NAN], &[1]).unwrap();
+    let nan = e.relu(&nan).unwrap();
+    assert!(e.read(&nan)[0].is_nan(), "relu must not hide a NaN");
     let err = e.conv2d(&x, &r[2], None, 1, 0).unwrap_err().to_string();
     assert!(err.contains("channels"), "{err}");
     assert!(e.conv2d(&x, &r[0], None, 0, 0).is_err());

@@ -78,6 +78,8 @@ pub trait Exec {
     fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
     /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
     fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
+    /// `max(x, 0)` elementwise (the conv-norm-ReLU blocks of the dense heads).
+    fn relu(&mut self, x: &Value<Self::B>) -> Result<Value<Self::B>>;
     /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), with zero
     /// padding `pad` on every side: the segmentation and change-detection heads.
     fn conv2d(
@@ -496,6 +498,10 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
         fwd::mean_tokens(&self.backend, x, skip_first)
+    }
+
+    fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {
+        Ok(fwd::value(self.backend.relu(&x.buf)?, x.shape.clone()))
     }
 
     fn conv2d(

@@ -297,6 +297,19 @@ impl Backend for Cpu {
         Ok(Arc::new(super::permute_index(shape, perm)?.into_iter().map(|i| x[i]).collect()))
     }
 
+    fn relu(&self, x: &Buf) -> Result<Buf> {
+        Ok(Arc::new(x.iter().map(|&v| if v < 0.0 { 0.0 } else { v }).collect()))
+    }
+
+    fn relu_backward(&self, y: &Buf, dy: &Buf, dx: &mut Grad<Self>) -> Result<()> {
+        check_len("relu_backward", "dy", dy.len(), y.len())?;
+        let (d, mode) = slot("relu_backward", dx, y.len())?;
+        for (i, (&y, &g)) in y.iter().zip(dy.iter()).enumerate() {
+            put(d, i, if y > 0.0 { g } else { 0.0 }, mode);
+        }
+        Ok(())
+    }
+
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
         let op = "conv2d";
         check_len(op, "x", x.len(), d.batch * d.cin * d.h * d.w)?;

@@ -311,6 +311,15 @@ impl Backend for CpuF64 {
         Ok(Arc::new(super::permute_index(shape, perm)?.into_iter().map(|i| x[i]).collect()))
     }
 
+    fn relu(&self, x: &Buf) -> Result<Buf> {
+        Ok(Arc::new(x.iter().map(|&v| if v < 0.0 { 0.0 } else { v }).collect()))
+    }
+
+    fn relu_backward(&self, y: &Buf, dy: &Buf, dx: &mut Grad<Self>) -> Result<()> {
+        check_len("relu_backward", "dy", dy.len(), y.len())?;
+        write_slot("relu_backward", dx, y.len(), |i| if y[i] > 0.0 { dy[i] } else { 0.0 })
+    }
+
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
         check_len("conv2d", "x", x.len(), d.batch * d.cin * d.h * d.w)?;
         let (ho, wo) = d.out_hw();

@@ -242,6 +242,11 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// The axes of a row-major `shape` reordered: output axis `i` is input axis `perm[i]`.
     fn permute(&self, x: &Self::Buf, shape: &[usize], perm: &[usize]) -> Result<Self::Buf>;
 
+    /// `max(x, 0)`; NaN stays NaN, as in PyTorch.
+    fn relu(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// Backward of [`Backend::relu`] from its output `y` (`dy` passes where `y > 0`), as PyTorch does.
+    fn relu_backward(&self, y: &Self::Buf, dy: &Self::Buf, dx: &mut Grad<Self>) -> Result<()>;
+
     /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), zero padding.
     fn conv2d(&self, x: &Self::Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Self::Buf>;
     /// Backward of [`Backend::conv2d`]: `dx`, and `dw` / `db` (`x` is needed only for `dw`).
