@@ -84,6 +84,12 @@ enum Op<B: Backend> {
     Reshape {
         x: NodeId,
     },
+    Bilinear {
+        x: NodeId,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+    },
     Relu {
         x: NodeId,
         /// The output: its sign is the mask.
@@ -432,6 +438,11 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.mean_tokens_backward(&dy, bt, l, d, skip_first, s)?;
             }
+            Op::Bilinear { x, planes, hw, out_hw } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.upsample_bilinear_backward(&dy, planes, hw, out_hw, s)?;
+            }
             Op::Relu { x, y } => {
                 let dy = need(&dy)?;
                 let s = get(slot(slots, Some(x))).expect("on the tape");
@@ -606,6 +617,16 @@ impl<B: Backend> Exec for Tape<'_, B> {
             }
             None => Ok(y),
         }
+    }
+
+    fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let (planes, hw) = fwd::bilinear_dims(x, size)?;
+        let y = fwd::upsample_bilinear(&self.backend, x, size)?;
+        Ok(match xn {
+            Some(n) => self.record(Op::Bilinear { x: n, planes, hw, out_hw: size }, y),
+            None => y,
+        })
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {

@@ -143,6 +143,18 @@ impl Graph for ConvG {
     }
 }
 
+struct BilinearG {
+    x: ParamRef,
+    size: (usize, usize),
+}
+impl Graph for BilinearG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let y = e.upsample_bilinear(&x, self.size)?;
+        probe(e, &y, 6)
+    }
+}
+
 struct LayerNormG {
     x: ParamRef,
     w: ParamRef,
@@ -372,6 +384,12 @@ proptest! {
     }
 
     #[test]
+    fn upsample_bilinear_grads(seed in any::<u64>(), planes in 1usize..3, h in 1usize..5, w in 1usize..5, oh in 1usize..9, ow in 1usize..9) {
+        let (c, r) = Check::new(&[("x", vec![planes, h, w])], seed);
+        c.run(&BilinearG { x: r[0].clone(), size: (oh, ow) });
+    }
+
+    #[test]
     fn layernorm_grads(seed in any::<u64>(), rows in 1usize..5, d in 2usize..9) {
         let (c, r) = Check::new(&[("x", vec![rows, d]), ("w", vec![d]), ("b", vec![d])], seed);
         // A LayerNorm over a handful of features is ill-conditioned in f32 (the input gradient is a
@@ -525,6 +543,25 @@ fn conv2d_matches_worked_values_and_rejects_bad_shapes() {
     assert!(e.conv2d(&x, &r[0], None, 0, 0).is_err());
     let tiny = e.constant(&[1.0], &[1, 1, 1, 1]).unwrap();
     assert!(e.conv2d(&tiny, &r[0], None, 1, 0).unwrap_err().to_string().contains("does not fit"));
+}
+
+#[test]
+fn upsample_bilinear_matches_pytorch() {
+    let (c, _) = Check::new(&[], 1);
+    let mut e = sg_tensor::exec::Eval::new(Cpu, &c.store);
+    // torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
+    let x = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2]).unwrap();
+    let y = e.upsample_bilinear(&x, (4, 4)).unwrap();
+    assert_eq!(y.shape, [1, 1, 4, 4]);
+    let want = [1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75, 4.0];
+    assert_eq!(e.read(&y), want);
+    // Halving averages neighbours: source positions 0.5 and 2.5.
+    let x = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 1, 4]).unwrap();
+    let half = e.upsample_bilinear(&x, (1, 2)).unwrap();
+    assert_eq!(e.read(&half), [1.5, 3.5]);
+    assert!(e.upsample_bilinear(&x, (0, 2)).is_err());
+    let flat = e.constant(&[1.0], &[1]).unwrap();
+    assert!(e.upsample_bilinear(&flat, (2, 2)).unwrap_err().to_string().contains("[1]"));
 }
 
 #[test]

@@ -78,6 +78,9 @@ pub trait Exec {
     fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
     /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
     fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
+    /// Bilinear resize of the last two axes of `x (.., h, w)` to `size` (PyTorch's
+    /// `interpolate(mode="bilinear", align_corners=False)`).
+    fn upsample_bilinear(&mut self, x: &Value<Self::B>, size: (usize, usize)) -> Result<Value<Self::B>>;
     /// `max(x, 0)` elementwise (the conv-norm-ReLU blocks of the dense heads).
     fn relu(&mut self, x: &Value<Self::B>) -> Result<Value<Self::B>>;
     /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), with zero
@@ -318,6 +321,23 @@ pub mod fwd {
         Ok(value(y, vec![d.batch, d.cout, ho, wo]))
     }
 
+    /// The checked `(planes, (h, w))` of a bilinear resize of `x` to `size`.
+    pub fn bilinear_dims<B: Backend>(x: &Value<B>, size: (usize, usize)) -> Result<(usize, (usize, usize))> {
+        let n = x.shape.len();
+        if n < 2 || x.shape[n - 2] == 0 || x.shape[n - 1] == 0 || size.0 == 0 || size.1 == 0 {
+            return shape_err("upsample_bilinear", format!("cannot resize {:?} to {size:?}", x.shape));
+        }
+        Ok((x.shape[..n - 2].iter().product(), (x.shape[n - 2], x.shape[n - 1])))
+    }
+
+    pub fn upsample_bilinear<B: Backend>(be: &B, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        let (planes, hw) = bilinear_dims(x, size)?;
+        let mut shape = x.shape.clone();
+        let n = shape.len();
+        (shape[n - 2], shape[n - 1]) = size;
+        Ok(value(be.upsample_bilinear(&x.buf, planes, hw, size)?, shape))
+    }
+
     pub fn permute<B: Backend>(be: &B, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
         let y = be.permute(&x.buf, &x.shape, perm)?;
         Ok(value(y, perm.iter().map(|&p| x.shape[p]).collect()))
@@ -498,6 +518,10 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
         fwd::mean_tokens(&self.backend, x, skip_first)
+    }
+
+    fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        fwd::upsample_bilinear(&self.backend, x, size)
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {

@@ -310,6 +310,26 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
+        Ok(Arc::new(super::bilinear_generic(x, planes, hw, out_hw)?.into_iter().map(|v| v as f32).collect()))
+    }
+
+    fn upsample_bilinear_backward(
+        &self,
+        dy: &Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let g = super::bilinear_backward_generic(dy, planes, hw, out_hw)?;
+        let (d, mode) = slot("upsample_bilinear_backward", dx, g.len())?;
+        for (i, v) in g.into_iter().enumerate() {
+            put(d, i, v as f32, mode);
+        }
+        Ok(())
+    }
+
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
         let op = "conv2d";
         check_len(op, "x", x.len(), d.batch * d.cin * d.h * d.w)?;

@@ -320,6 +320,22 @@ impl Backend for CpuF64 {
         write_slot("relu_backward", dx, y.len(), |i| if y[i] > 0.0 { dy[i] } else { 0.0 })
     }
 
+    fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
+        Ok(Arc::new(super::bilinear_generic(x, planes, hw, out_hw)?))
+    }
+
+    fn upsample_bilinear_backward(
+        &self,
+        dy: &Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let g = super::bilinear_backward_generic(dy, planes, hw, out_hw)?;
+        write_slot("upsample_bilinear_backward", dx, g.len(), |i| g[i])
+    }
+
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
         check_len("conv2d", "x", x.len(), d.batch * d.cin * d.h * d.w)?;
         let (ho, wo) = d.out_hw();

@@ -247,6 +247,24 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Backward of [`Backend::relu`] from its output `y` (`dy` passes where `y > 0`), as PyTorch does.
     fn relu_backward(&self, y: &Self::Buf, dy: &Self::Buf, dx: &mut Grad<Self>) -> Result<()>;
 
+    /// Bilinear resize of `planes` planes from `hw` to `out_hw` (PyTorch `align_corners=False`).
+    fn upsample_bilinear(
+        &self,
+        x: &Self::Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+    ) -> Result<Self::Buf>;
+    /// Backward of [`Backend::upsample_bilinear`].
+    fn upsample_bilinear_backward(
+        &self,
+        dy: &Self::Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+        dx: &mut Grad<Self>,
+    ) -> Result<()>;
+
     /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), zero padding.
     fn conv2d(&self, x: &Self::Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Self::Buf>;
     /// Backward of [`Backend::conv2d`]: `dx`, and `dw` / `db` (`x` is needed only for `dw`).
@@ -615,6 +633,66 @@ fn check_dropout(p: f32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The two source taps and the weight of the second for each of `out` positions resized from `len`,
+/// with PyTorch's `align_corners=False`: source `(i + 0.5) * len / out - 0.5`, clamped at 0.
+fn bilinear_taps(len: usize, out: usize) -> Vec<(usize, usize, f64)> {
+    let scale = len as f64 / out as f64;
+    (0..out)
+        .map(|i| {
+            let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(len - 1);
+            (i0, (i0 + 1).min(len - 1), src - i0 as f64)
+        })
+        .collect()
+}
+
+/// Bilinear resize of `planes` planes of `h x w` to `oh x ow`.
+pub(crate) fn bilinear_generic<T: Copy + Into<f64>>(
+    x: &[T],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<f64>> {
+    crate::error::check_len("upsample_bilinear", "x", x.len(), planes * h * w)?;
+    let (ty, tx) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
+    let mut out = Vec::with_capacity(planes * oh * ow);
+    for p in x.chunks_exact(h * w) {
+        for &(y0, y1, ly) in &ty {
+            for &(x0, x1, lx) in &tx {
+                let v = |y: usize, xx: usize| p[y * w + xx].into();
+                let top = v(y0, x0) * (1.0 - lx) + v(y0, x1) * lx;
+                let bot = v(y1, x0) * (1.0 - lx) + v(y1, x1) * lx;
+                out.push(top * (1.0 - ly) + bot * ly);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The adjoint of [`bilinear_generic`]: `dy (planes, oh, ow)` scattered back to `(planes, h, w)`.
+pub(crate) fn bilinear_backward_generic<T: Copy + Into<f64>>(
+    dy: &[T],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<f64>> {
+    crate::error::check_len("upsample_bilinear_backward", "dy", dy.len(), planes * oh * ow)?;
+    let (ty, tx) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
+    let mut dx = vec![0.0; planes * h * w];
+    for (g, d) in dy.chunks_exact(oh * ow).zip(dx.chunks_exact_mut(h * w)) {
+        for (i, &(y0, y1, ly)) in ty.iter().enumerate() {
+            for (j, &(x0, x1, lx)) in tx.iter().enumerate() {
+                let v: f64 = g[i * ow + j].into();
+                d[y0 * w + x0] += v * (1.0 - ly) * (1.0 - lx);
+                d[y0 * w + x1] += v * (1.0 - ly) * lx;
+                d[y1 * w + x0] += v * ly * (1.0 - lx);
+                d[y1 * w + x1] += v * ly * lx;
+            }
+        }
+    }
+    Ok(dx)
 }
 
 pub(crate) fn dropout_generic<T: Copy + Into<f64>>(x: &[T], p: f32, seed: u64, group: usize) -> Result<Vec<f64>> {
