@@ -84,6 +84,12 @@ enum Op<B: Backend> {
     Reshape {
         x: NodeId,
     },
+    AdaptiveAvgPool {
+        x: NodeId,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+    },
     Bilinear {
         x: NodeId,
         planes: usize,
@@ -438,6 +444,11 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.mean_tokens_backward(&dy, bt, l, d, skip_first, s)?;
             }
+            Op::AdaptiveAvgPool { x, planes, hw, out_hw } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.adaptive_avg_pool_backward(&dy, planes, hw, out_hw, s)?;
+            }
             Op::Bilinear { x, planes, hw, out_hw } => {
                 let dy = need(&dy)?;
                 let s = get(slot(slots, Some(x))).expect("on the tape");
@@ -619,9 +630,19 @@ impl<B: Backend> Exec for Tape<'_, B> {
         }
     }
 
+    fn adaptive_avg_pool(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let (planes, hw) = fwd::pool_dims(x, size)?;
+        let y = fwd::adaptive_avg_pool(&self.backend, x, size)?;
+        Ok(match xn {
+            Some(n) => self.record(Op::AdaptiveAvgPool { x: n, planes, hw, out_hw: size }, y),
+            None => y,
+        })
+    }
+
     fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
         let xn = self.check_node(x)?;
-        let (planes, hw) = fwd::bilinear_dims(x, size)?;
+        let (planes, hw) = fwd::plane_dims("upsample_bilinear", x, size)?;
         let y = fwd::upsample_bilinear(&self.backend, x, size)?;
         Ok(match xn {
             Some(n) => self.record(Op::Bilinear { x: n, planes, hw, out_hw: size }, y),

@@ -146,11 +146,14 @@ impl Graph for ConvG {
 struct BilinearG {
     x: ParamRef,
     size: (usize, usize),
+    pool: (usize, usize),
 }
 impl Graph for BilinearG {
     fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
         let x = e.param(&self.x)?;
         let y = e.upsample_bilinear(&x, self.size)?;
+        // Pooling back down covers the adaptive-pool backward with uneven, overlapping bins.
+        let y = e.adaptive_avg_pool(&y, self.pool)?;
         probe(e, &y, 6)
     }
 }
@@ -384,9 +387,10 @@ proptest! {
     }
 
     #[test]
-    fn upsample_bilinear_grads(seed in any::<u64>(), planes in 1usize..3, h in 1usize..5, w in 1usize..5, oh in 1usize..9, ow in 1usize..9) {
+    fn bilinear_and_adaptive_pool_grads(seed in any::<u64>(), planes in 1usize..3, h in 1usize..5, w in 1usize..5, oh in 1usize..9, ow in 1usize..9,
+                                   ph in 1usize..9, pw in 1usize..9) {
         let (c, r) = Check::new(&[("x", vec![planes, h, w])], seed);
-        c.run(&BilinearG { x: r[0].clone(), size: (oh, ow) });
+        c.run(&BilinearG { x: r[0].clone(), size: (oh, ow), pool: (ph.min(oh), pw.min(ow)) });
     }
 
     #[test]
@@ -546,7 +550,7 @@ fn conv2d_matches_worked_values_and_rejects_bad_shapes() {
 }
 
 #[test]
-fn upsample_bilinear_matches_pytorch() {
+fn bilinear_and_adaptive_pool_match_pytorch() {
     let (c, _) = Check::new(&[], 1);
     let mut e = sg_tensor::exec::Eval::new(Cpu, &c.store);
     // torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
@@ -560,6 +564,11 @@ fn upsample_bilinear_matches_pytorch() {
     let half = e.upsample_bilinear(&x, (1, 2)).unwrap();
     assert_eq!(e.read(&half), [1.5, 3.5]);
     assert!(e.upsample_bilinear(&x, (0, 2)).is_err());
+    // adaptive_avg_pool2d of a 1x5 row to 1x3: bins [0, 2), [1, 4), [3, 5).
+    let row = e.constant(&[1.0, 2.0, 3.0, 4.0, 5.0], &[1, 1, 1, 5]).unwrap();
+    let pooled = e.adaptive_avg_pool(&row, (1, 3)).unwrap();
+    assert_eq!(e.read(&pooled), [1.5, 3.0, 4.5]);
+    assert!(e.adaptive_avg_pool(&row, (1, 6)).unwrap_err().to_string().contains("cannot pool"));
     let flat = e.constant(&[1.0], &[1]).unwrap();
     assert!(e.upsample_bilinear(&flat, (2, 2)).unwrap_err().to_string().contains("[1]"));
 }

@@ -78,6 +78,9 @@ pub trait Exec {
     fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
     /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
     fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
+    /// Adaptive average pooling of the last two axes of `x (.., h, w)` to `size` (the pyramid
+    /// pooling module of UPerNet); `size` must not exceed the input.
+    fn adaptive_avg_pool(&mut self, x: &Value<Self::B>, size: (usize, usize)) -> Result<Value<Self::B>>;
     /// Bilinear resize of the last two axes of `x (.., h, w)` to `size` (PyTorch's
     /// `interpolate(mode="bilinear", align_corners=False)`).
     fn upsample_bilinear(&mut self, x: &Value<Self::B>, size: (usize, usize)) -> Result<Value<Self::B>>;
@@ -321,21 +324,43 @@ pub mod fwd {
         Ok(value(y, vec![d.batch, d.cout, ho, wo]))
     }
 
-    /// The checked `(planes, (h, w))` of a bilinear resize of `x` to `size`.
-    pub fn bilinear_dims<B: Backend>(x: &Value<B>, size: (usize, usize)) -> Result<(usize, (usize, usize))> {
+    /// The checked `(planes, (h, w))` of a resize of the last two axes of `x` to `size`.
+    pub fn plane_dims<B: Backend>(
+        op: &'static str,
+        x: &Value<B>,
+        size: (usize, usize),
+    ) -> Result<(usize, (usize, usize))> {
         let n = x.shape.len();
         if n < 2 || x.shape[n - 2] == 0 || x.shape[n - 1] == 0 || size.0 == 0 || size.1 == 0 {
-            return shape_err("upsample_bilinear", format!("cannot resize {:?} to {size:?}", x.shape));
+            return shape_err(op, format!("cannot resize {:?} to {size:?}", x.shape));
         }
         Ok((x.shape[..n - 2].iter().product(), (x.shape[n - 2], x.shape[n - 1])))
     }
 
-    pub fn upsample_bilinear<B: Backend>(be: &B, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
-        let (planes, hw) = bilinear_dims(x, size)?;
-        let mut shape = x.shape.clone();
+    /// The checked `(planes, (h, w))` of an adaptive pooling of `x` to `size`.
+    pub fn pool_dims<B: Backend>(x: &Value<B>, size: (usize, usize)) -> Result<(usize, (usize, usize))> {
+        let (planes, hw) = plane_dims("adaptive_avg_pool", x, size)?;
+        if size.0 > hw.0 || size.1 > hw.1 {
+            return shape_err("adaptive_avg_pool", format!("cannot pool {:?} up to {size:?}", x.shape));
+        }
+        Ok((planes, hw))
+    }
+
+    fn with_hw(shape: &[usize], size: (usize, usize)) -> Vec<usize> {
+        let mut shape = shape.to_vec();
         let n = shape.len();
         (shape[n - 2], shape[n - 1]) = size;
-        Ok(value(be.upsample_bilinear(&x.buf, planes, hw, size)?, shape))
+        shape
+    }
+
+    pub fn adaptive_avg_pool<B: Backend>(be: &B, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        let (planes, hw) = pool_dims(x, size)?;
+        Ok(value(be.adaptive_avg_pool(&x.buf, planes, hw, size)?, with_hw(&x.shape, size)))
+    }
+
+    pub fn upsample_bilinear<B: Backend>(be: &B, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        let (planes, hw) = plane_dims("upsample_bilinear", x, size)?;
+        Ok(value(be.upsample_bilinear(&x.buf, planes, hw, size)?, with_hw(&x.shape, size)))
     }
 
     pub fn permute<B: Backend>(be: &B, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
@@ -518,6 +543,10 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
         fwd::mean_tokens(&self.backend, x, skip_first)
+    }
+
+    fn adaptive_avg_pool(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        fwd::adaptive_avg_pool(&self.backend, x, size)
     }
 
     fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {

@@ -310,6 +310,26 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn adaptive_avg_pool(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
+        Ok(Arc::new(super::adaptive_avg_pool_generic(x, planes, hw, out_hw)?.into_iter().map(|v| v as f32).collect()))
+    }
+
+    fn adaptive_avg_pool_backward(
+        &self,
+        dy: &Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let g = super::adaptive_avg_pool_backward_generic(dy, planes, hw, out_hw)?;
+        let (d, mode) = slot("adaptive_avg_pool_backward", dx, g.len())?;
+        for (i, v) in g.into_iter().enumerate() {
+            put(d, i, v as f32, mode);
+        }
+        Ok(())
+    }
+
     fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
         Ok(Arc::new(super::bilinear_generic(x, planes, hw, out_hw)?.into_iter().map(|v| v as f32).collect()))
     }

@@ -320,6 +320,22 @@ impl Backend for CpuF64 {
         write_slot("relu_backward", dx, y.len(), |i| if y[i] > 0.0 { dy[i] } else { 0.0 })
     }
 
+    fn adaptive_avg_pool(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
+        Ok(Arc::new(super::adaptive_avg_pool_generic(x, planes, hw, out_hw)?))
+    }
+
+    fn adaptive_avg_pool_backward(
+        &self,
+        dy: &Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let g = super::adaptive_avg_pool_backward_generic(dy, planes, hw, out_hw)?;
+        write_slot("adaptive_avg_pool_backward", dx, g.len(), |i| g[i])
+    }
+
     fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
         Ok(Arc::new(super::bilinear_generic(x, planes, hw, out_hw)?))
     }

@@ -247,6 +247,23 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// Backward of [`Backend::relu`] from its output `y` (`dy` passes where `y > 0`), as PyTorch does.
     fn relu_backward(&self, y: &Self::Buf, dy: &Self::Buf, dx: &mut Grad<Self>) -> Result<()>;
 
+    /// Adaptive average pooling of `planes` planes from `hw` to `out_hw` (PyTorch's bins).
+    fn adaptive_avg_pool(
+        &self,
+        x: &Self::Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+    ) -> Result<Self::Buf>;
+    /// Backward of [`Backend::adaptive_avg_pool`].
+    fn adaptive_avg_pool_backward(
+        &self,
+        dy: &Self::Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+        dx: &mut Grad<Self>,
+    ) -> Result<()>;
     /// Bilinear resize of `planes` planes from `hw` to `out_hw` (PyTorch `align_corners=False`).
     fn upsample_bilinear(
         &self,
@@ -689,6 +706,59 @@ pub(crate) fn bilinear_backward_generic<T: Copy + Into<f64>>(
                 d[y0 * w + x1] += v * (1.0 - ly) * lx;
                 d[y1 * w + x0] += v * ly * (1.0 - lx);
                 d[y1 * w + x1] += v * ly * lx;
+            }
+        }
+    }
+    Ok(dx)
+}
+
+/// PyTorch's adaptive-pooling bin `i` of `out` over `len`: `floor(i len / out) .. ceil((i + 1) len / out)`.
+fn pool_bin(i: usize, len: usize, out: usize) -> Range<usize> {
+    i * len / out..((i + 1) * len).div_ceil(out)
+}
+
+/// Adaptive average pooling of `planes` planes of `h x w` to `oh x ow`.
+pub(crate) fn adaptive_avg_pool_generic<T: Copy + Into<f64>>(
+    x: &[T],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<f64>> {
+    crate::error::check_len("adaptive_avg_pool", "x", x.len(), planes * h * w)?;
+    let mut out = Vec::with_capacity(planes * oh * ow);
+    for p in x.chunks_exact(h * w) {
+        for i in 0..oh {
+            let ys = pool_bin(i, h, oh);
+            for j in 0..ow {
+                let xs = pool_bin(j, w, ow);
+                let n = (ys.len() * xs.len()) as f64;
+                out.push(
+                    ys.clone().flat_map(|y| xs.clone().map(move |x| y * w + x)).map(|k| p[k].into()).sum::<f64>() / n,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The adjoint of [`adaptive_avg_pool_generic`]: each output gradient spread evenly over its bin.
+pub(crate) fn adaptive_avg_pool_backward_generic<T: Copy + Into<f64>>(
+    dy: &[T],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+) -> Result<Vec<f64>> {
+    crate::error::check_len("adaptive_avg_pool_backward", "dy", dy.len(), planes * oh * ow)?;
+    let mut dx = vec![0.0; planes * h * w];
+    for (g, d) in dy.chunks_exact(oh * ow).zip(dx.chunks_exact_mut(h * w)) {
+        for i in 0..oh {
+            let ys = pool_bin(i, h, oh);
+            for j in 0..ow {
+                let xs = pool_bin(j, w, ow);
+                let v = g[i * ow + j].into() / (ys.len() * xs.len()) as f64;
+                for y in ys.clone() {
+                    d[y * w + xs.start..y * w + xs.end].iter_mut().for_each(|e| *e += v);
+                }
             }
         }
     }
