@@ -217,6 +217,22 @@ impl<'a, B: Backend> Tape<'a, B> {
         (self.seed ^ 0x6A09_E667_F3BC_C908).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(self.draws)
     }
 
+    /// Records `op` for `y` when its single input `x` is on the tape; otherwise `y` needs no gradient.
+    fn record_unary(
+        &mut self,
+        x: Option<NodeId>,
+        y: Value<B>,
+        op: impl FnOnce(NodeId, &Value<B>) -> Op<B>,
+    ) -> Value<B> {
+        match x {
+            Some(n) => {
+                let op = op(n, &y);
+                self.record(op, y)
+            }
+            None => y,
+        }
+    }
+
     fn dropout_op(&mut self, x: &Value<B>, p: f32, group: usize) -> Result<Value<B>> {
         if !(0.0..1.0).contains(&p) {
             return Err(TensorError::Arg { op: "dropout", msg: format!("probability {p} is outside [0, 1)") });
@@ -227,10 +243,7 @@ impl<'a, B: Backend> Tape<'a, B> {
         }
         let seed = self.next_seed();
         let y = fwd::value(self.backend.dropout(&x.buf, p, seed, group)?, x.shape.clone());
-        Ok(match xn {
-            Some(n) => self.record(Op::Dropout { x: n, p, seed, group }, y),
-            None => y,
-        })
+        Ok(self.record_unary(xn, y, |x, _| Op::Dropout { x, p, seed, group }))
     }
 
     /// Recorded nodes (for tests and memory accounting).
@@ -511,15 +524,11 @@ impl<B: Backend> Exec for Tape<'_, B> {
     }
 
     fn constant(&mut self, data: &[f32], shape: &[usize]) -> Result<Value<B>> {
-        let n: usize = shape.iter().product();
-        if data.len() != n {
-            return Err(TensorError::Length { op: "constant", arg: "data", expected: n, got: data.len() });
-        }
-        Ok(fwd::value(self.backend.upload(data), shape.to_vec()))
+        fwd::constant(&self.backend, data, shape)
     }
 
     fn param(&mut self, p: &ParamRef) -> Result<Value<B>> {
-        let v = fwd::value(self.backend.copy_range(&self.params, p.range()), p.shape.clone());
+        let v = fwd::param(&self.backend, &self.params, p);
         Ok(if self.trainable(p) { self.record(Op::Param { p: p.clone() }, v) } else { v })
     }
 
@@ -634,32 +643,20 @@ impl<B: Backend> Exec for Tape<'_, B> {
         let xn = self.check_node(x)?;
         let (planes, hw) = fwd::pool_dims(x, size)?;
         let y = fwd::adaptive_avg_pool(&self.backend, x, size)?;
-        Ok(match xn {
-            Some(n) => self.record(Op::AdaptiveAvgPool { x: n, planes, hw, out_hw: size }, y),
-            None => y,
-        })
+        Ok(self.record_unary(xn, y, |x, _| Op::AdaptiveAvgPool { x, planes, hw, out_hw: size }))
     }
 
     fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
         let xn = self.check_node(x)?;
         let (planes, hw) = fwd::plane_dims("upsample_bilinear", x, size)?;
         let y = fwd::upsample_bilinear(&self.backend, x, size)?;
-        Ok(match xn {
-            Some(n) => self.record(Op::Bilinear { x: n, planes, hw, out_hw: size }, y),
-            None => y,
-        })
+        Ok(self.record_unary(xn, y, |x, _| Op::Bilinear { x, planes, hw, out_hw: size }))
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {
         let xn = self.check_node(x)?;
-        let y: Value<B> = fwd::value(self.backend.relu(&x.buf)?, x.shape.clone());
-        Ok(match xn {
-            Some(n) => {
-                let op = Op::Relu { x: n, y: y.buf.clone() };
-                self.record(op, y)
-            }
-            None => y,
-        })
+        let y = fwd::relu(&self.backend, x)?;
+        Ok(self.record_unary(xn, y, |x, y| Op::Relu { x, y: y.buf.clone() }))
     }
 
     fn conv2d(
@@ -685,23 +682,14 @@ impl<B: Backend> Exec for Tape<'_, B> {
     fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
         let xn = self.check_node(x)?;
         let y = fwd::permute(&self.backend, x, perm)?;
-        Ok(match xn {
-            Some(n) => {
-                let op = Op::Permute { x: n, out_shape: y.shape.clone(), perm: perm.to_vec() };
-                self.record(op, y)
-            }
-            None => y,
-        })
+        Ok(self.record_unary(xn, y, |x, y| Op::Permute { x, out_shape: y.shape.clone(), perm: perm.to_vec() }))
     }
 
     fn reshape(&mut self, x: &Value<B>, shape: &[usize]) -> Result<Value<B>> {
         let xn = self.check_node(x)?;
         let mut y = fwd::reshape(x, shape)?;
         y.node = None;
-        Ok(match xn {
-            Some(n) => self.record(Op::Reshape { x: n }, y),
-            None => y,
-        })
+        Ok(self.record_unary(xn, y, |x, _| Op::Reshape { x }))
     }
 
     fn mae_loss(

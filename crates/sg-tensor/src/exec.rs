@@ -159,6 +159,19 @@ pub mod fwd {
         Value { buf, shape, node: None }
     }
 
+    pub fn constant<B: Backend>(be: &B, data: &[f32], shape: &[usize]) -> Result<Value<B>> {
+        crate::error::check_len("constant", "data", data.len(), shape.iter().product())?;
+        Ok(value(be.upload(data), shape.to_vec()))
+    }
+
+    pub fn param<B: Backend>(be: &B, params: &B::Buf, p: &ParamRef) -> Value<B> {
+        value(be.copy_range(params, p.range()), p.shape.clone())
+    }
+
+    pub fn relu<B: Backend>(be: &B, x: &Value<B>) -> Result<Value<B>> {
+        Ok(value(be.relu(&x.buf)?, x.shape.clone()))
+    }
+
     #[allow(clippy::type_complexity)]
     pub fn linear<B: Backend>(
         be: &B,
@@ -500,13 +513,11 @@ impl<B: Backend> Exec for Eval<'_, B> {
     }
 
     fn constant(&mut self, data: &[f32], shape: &[usize]) -> Result<Value<B>> {
-        let n: usize = shape.iter().product();
-        crate::error::check_len("constant", "data", data.len(), n)?;
-        Ok(fwd::value(self.backend.upload(data), shape.to_vec()))
+        fwd::constant(&self.backend, data, shape)
     }
 
     fn param(&mut self, p: &ParamRef) -> Result<Value<B>> {
-        Ok(fwd::value(self.backend.copy_range(&self.params, p.range()), p.shape.clone()))
+        Ok(fwd::param(&self.backend, &self.params, p))
     }
 
     fn linear(&mut self, x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>, act: Activation) -> Result<Value<B>> {
@@ -554,7 +565,7 @@ impl<B: Backend> Exec for Eval<'_, B> {
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {
-        Ok(fwd::value(self.backend.relu(&x.buf)?, x.shape.clone()))
+        fwd::relu(&self.backend, x)
     }
 
     fn conv2d(

@@ -47,6 +47,32 @@ fn zero_if_first(s: Option<&mut [f32]>, mode: Option<Dst>) -> Option<&mut [f32]>
     Some(s)
 }
 
+/// A result of a shared f64 loop (`super::*_generic`) as an f32 buffer.
+fn narrow(v: Vec<f64>) -> Buf {
+    Arc::new(v.into_iter().map(|v| v as f32).collect())
+}
+
+/// An input gradient from a shared f64 loop written (or added) into its slot.
+fn write_grad(op: &'static str, dx: &mut Grad<Cpu>, g: Vec<f64>) -> Result<()> {
+    let (d, mode) = slot(op, dx, g.len())?;
+    for (i, v) in g.into_iter().enumerate() {
+        put(d, i, v as f32, mode);
+    }
+    Ok(())
+}
+
+/// Unfolds one image for a convolution: row `r` = (channel, ki, kj), column = output position.
+fn im2col(d: &Conv2dDims, img: &[f32], cols: &mut [f32]) {
+    let (ho, wo) = d.out_hw();
+    for r in 0..d.k() {
+        for i in 0..ho {
+            for j in 0..wo {
+                cols[(r * ho + i) * wo + j] = conv_src(d, r, i, j).map_or(0.0, |s| img[s]);
+            }
+        }
+    }
+}
+
 fn put(dst: &mut [f32], i: usize, v: f32, mode: Dst) {
     match mode {
         Dst::Overwrite => dst[i] = v,
@@ -311,7 +337,7 @@ impl Backend for Cpu {
     }
 
     fn adaptive_avg_pool(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
-        Ok(Arc::new(super::adaptive_avg_pool_generic(x, planes, hw, out_hw)?.into_iter().map(|v| v as f32).collect()))
+        Ok(narrow(super::adaptive_avg_pool_generic(x, planes, hw, out_hw)?))
     }
 
     fn adaptive_avg_pool_backward(
@@ -322,16 +348,11 @@ impl Backend for Cpu {
         out_hw: (usize, usize),
         dx: &mut Grad<Self>,
     ) -> Result<()> {
-        let g = super::adaptive_avg_pool_backward_generic(dy, planes, hw, out_hw)?;
-        let (d, mode) = slot("adaptive_avg_pool_backward", dx, g.len())?;
-        for (i, v) in g.into_iter().enumerate() {
-            put(d, i, v as f32, mode);
-        }
-        Ok(())
+        write_grad("adaptive_avg_pool_backward", dx, super::adaptive_avg_pool_backward_generic(dy, planes, hw, out_hw)?)
     }
 
     fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
-        Ok(Arc::new(super::bilinear_generic(x, planes, hw, out_hw)?.into_iter().map(|v| v as f32).collect()))
+        Ok(narrow(super::bilinear_generic(x, planes, hw, out_hw)?))
     }
 
     fn upsample_bilinear_backward(
@@ -342,12 +363,7 @@ impl Backend for Cpu {
         out_hw: (usize, usize),
         dx: &mut Grad<Self>,
     ) -> Result<()> {
-        let g = super::bilinear_backward_generic(dy, planes, hw, out_hw)?;
-        let (d, mode) = slot("upsample_bilinear_backward", dx, g.len())?;
-        for (i, v) in g.into_iter().enumerate() {
-            put(d, i, v as f32, mode);
-        }
-        Ok(())
+        write_grad("upsample_bilinear_backward", dx, super::bilinear_backward_generic(dy, planes, hw, out_hw)?)
     }
 
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {
@@ -359,15 +375,7 @@ impl Backend for Cpu {
         let mut out = vec![0f32; d.batch * d.cout * p];
         let mut cols = vec![0f32; k * p];
         for n in 0..d.batch {
-            let img = &x[n * d.cin * d.h * d.w..(n + 1) * d.cin * d.h * d.w];
-            // im2col: row r = (channel, ki, kj), column = output position.
-            for r in 0..k {
-                for i in 0..ho {
-                    for j in 0..wo {
-                        cols[r * p + i * wo + j] = conv_src(&d, r, i, j).map_or(0.0, |s| img[s]);
-                    }
-                }
-            }
+            im2col(&d, &x[n * d.cin * d.h * d.w..(n + 1) * d.cin * d.h * d.w], &mut cols);
             let o = &mut out[n * d.cout * p..(n + 1) * d.cout * p];
             gemm(Trans::N, Trans::N, d.cout, p, k, 1.0, sl(&w), k, &cols, p, 0.0, o, p)?;
             if let Some(b) = &b {
@@ -394,10 +402,8 @@ impl Backend for Cpu {
         check_len(op, "dy", dy.len(), d.batch * d.cout * p)?;
         let mut cols = vec![0f32; k * p];
         if let Some(g) = dx {
-            let (dxs, mode) = slot(op, g, d.batch * chw)?;
-            if mode == Dst::Overwrite {
-                dxs.fill(0.0);
-            }
+            // A fresh slot is zeroed, so col2im adds into it in either mode.
+            let (dxs, _) = slot(op, g, d.batch * chw)?;
             for n in 0..d.batch {
                 // dcols = W^T dy_n, folded back (col2im) into dx.
                 gemm(
@@ -434,14 +440,7 @@ impl Backend for Cpu {
             if let (Some(dw), Some(mode)) = (dw, wm) {
                 let x = x.ok_or_else(|| TensorError::Arg { op, msg: "the weight gradient needs the input".into() })?;
                 for n in 0..d.batch {
-                    let img = &x[n * chw..(n + 1) * chw];
-                    for r in 0..k {
-                        for i in 0..ho {
-                            for j in 0..wo {
-                                cols[r * p + i * wo + j] = conv_src(&d, r, i, j).map_or(0.0, |s| img[s]);
-                            }
-                        }
-                    }
+                    im2col(&d, &x[n * chw..(n + 1) * chw], &mut cols);
                     // dW (=|+=) dy_n cols^T.
                     let beta = if n == 0 && mode == Dst::Overwrite { 0.0 } else { 1.0 };
                     gemm(
@@ -677,16 +676,11 @@ impl Backend for Cpu {
     }
 
     fn dropout(&self, x: &Buf, p: f32, seed: u64, group: usize) -> Result<Buf> {
-        Ok(Arc::new(super::dropout_generic(x, p, seed, group)?.into_iter().map(|v| v as f32).collect()))
+        Ok(narrow(super::dropout_generic(x, p, seed, group)?))
     }
 
     fn dropout_backward(&self, dy: &Buf, p: f32, seed: u64, group: usize, dx: &mut Grad<Self>) -> Result<()> {
-        let g = super::dropout_generic(dy, p, seed, group)?;
-        let (d, mode) = slot("dropout_backward", dx, dy.len())?;
-        for (i, v) in g.into_iter().enumerate() {
-            put(d, i, v as f32, mode);
-        }
-        Ok(())
+        write_grad("dropout_backward", dx, super::dropout_generic(dy, p, seed, group)?)
     }
 
     fn multilabel_soft_margin(&self, logits: &Buf, targets: &[f32], classes: usize) -> Result<f64> {
