@@ -12,11 +12,11 @@
 
 use std::ops::Range;
 
-use sg_tensor::backend::{Backend, Conv2dDims, Grad, MaeLossDims, ParamGrads, Slice, SliceMut};
+use sg_tensor::backend::{Backend, Conv2dDims, Grad, GroupNormDims, MaeLossDims, ParamGrads, Slice, SliceMut};
 use sg_tensor::exec::{fwd, NodeId, Value};
 use sg_tensor::kernels::attention::AttnShape;
 use sg_tensor::kernels::linear::Activation;
-use sg_tensor::{Dst, Exec, ParamRef, ParamStore, Result, TensorError};
+use sg_tensor::{BatchNorm, Dst, Exec, ParamRef, ParamStore, Result, TensorError};
 
 /// What a recorded op needs for its backward. `Option<NodeId>` inputs are `None` when no gradient
 /// flows into them (constants).
@@ -95,6 +95,40 @@ enum Op<B: Backend> {
         planes: usize,
         hw: (usize, usize),
         out_hw: (usize, usize),
+        align_corners: bool,
+    },
+    AdaptiveMaxPool {
+        x: NodeId,
+        /// Each output's maximum, as an index into the input.
+        idx: Vec<u32>,
+        in_len: usize,
+    },
+    Gelu {
+        x: NodeId,
+        x_val: B::Buf,
+    },
+    GroupNorm {
+        x: Option<NodeId>,
+        x_val: B::Buf,
+        w: ParamRef,
+        b: ParamRef,
+        mean: Vec<f64>,
+        rstd: Vec<f64>,
+        dims: GroupNormDims,
+    },
+    Concat {
+        parts: Vec<Option<NodeId>>,
+        outer: usize,
+        widths: Vec<usize>,
+    },
+    ConvTranspose2d {
+        x: Option<NodeId>,
+        /// Saved only when the weight trains.
+        x_val: Option<B::Buf>,
+        w: ParamRef,
+        b: Option<ParamRef>,
+        /// The convolution this op is the adjoint of.
+        dims: Conv2dDims,
     },
     Relu {
         x: NodeId,
@@ -188,6 +222,8 @@ pub struct Tape<'a, B: Backend> {
     /// reproducible from (seed, order of ops) alone.
     seed: u64,
     draws: u64,
+    /// BatchNorm running statistics computed by this step's forward, for the caller to store.
+    running: Vec<(ParamRef, Vec<f32>)>,
 }
 
 impl<'a, B: Backend> Tape<'a, B> {
@@ -202,7 +238,7 @@ impl<'a, B: Backend> Tape<'a, B> {
         let mut spans: Vec<(usize, usize, bool)> =
             store.entries().iter().map(|e| (e.param.offset, e.param.len(), e.trainable)).collect();
         spans.sort_unstable();
-        Tape { backend, store, params, nodes: Vec::new(), spans, seed: 0, draws: 0 }
+        Tape { backend, store, params, nodes: Vec::new(), spans, seed: 0, draws: 0, running: Vec::new() }
     }
 
     /// Seeds dropout and drop path for this step (the default seed is 0).
@@ -244,6 +280,39 @@ impl<'a, B: Backend> Tape<'a, B> {
         let seed = self.next_seed();
         let y = fwd::value(self.backend.dropout(&x.buf, p, seed, group)?, x.shape.clone());
         Ok(self.record_unary(xn, y, |x, _| Op::Dropout { x, p, seed, group }))
+    }
+
+    /// GroupNorm, also returning its per-(sample, group) mean and 1/std.
+    fn group_norm_stats(
+        &mut self,
+        x: &Value<B>,
+        groups: usize,
+        w: &ParamRef,
+        b: &ParamRef,
+        eps: f32,
+    ) -> Result<(Value<B>, Vec<f64>, Vec<f64>)> {
+        let xn = self.check_node(x)?;
+        let dims = fwd::group_norm_dims(x, groups, w, b, eps)?;
+        let (y, mean, rstd) = fwd::group_norm(&self.backend, &self.params, x, w, b, dims)?;
+        if xn.is_none() && !self.trainable(w) && !self.trainable(b) {
+            return Ok((y, mean, rstd));
+        }
+        let op = Op::GroupNorm {
+            x: xn,
+            x_val: x.buf.clone(),
+            w: w.clone(),
+            b: b.clone(),
+            mean: mean.clone(),
+            rstd: rstd.clone(),
+            dims,
+        };
+        Ok((self.record(op, y), mean, rstd))
+    }
+
+    /// The BatchNorm running statistics this forward computed (PyTorch's momentum update), to be
+    /// written into the parameter store once the step is taken: [`ParamStore::values_mut`].
+    pub fn take_running_stats(&mut self) -> Vec<(ParamRef, Vec<f32>)> {
+        std::mem::take(&mut self.running)
     }
 
     /// Recorded nodes (for tests and memory accounting).
@@ -462,10 +531,54 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.adaptive_avg_pool_backward(&dy, planes, hw, out_hw, s)?;
             }
-            Op::Bilinear { x, planes, hw, out_hw } => {
+            Op::Bilinear { x, planes, hw, out_hw, align_corners } => {
                 let dy = need(&dy)?;
                 let s = get(slot(slots, Some(x))).expect("on the tape");
-                be.upsample_bilinear_backward(&dy, planes, hw, out_hw, s)?;
+                be.upsample_bilinear_backward(&dy, planes, hw, out_hw, align_corners, s)?;
+            }
+            Op::AdaptiveMaxPool { x, idx, in_len } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.adaptive_max_pool_backward(&dy, &idx, in_len, s)?;
+            }
+            Op::Gelu { x, x_val } => {
+                let dy = need(&dy)?;
+                let s = get(slot(slots, Some(x))).expect("on the tape");
+                be.gelu_backward(&x_val, &dy, s)?;
+            }
+            Op::GroupNorm { x, x_val, w, b, mean, rstd, dims } => {
+                let dy = need(&dy)?;
+                let wslice = Slice { buf: &self.params, range: w.range() };
+                let dx = get(slot(slots, x));
+                let pg = self.layer_grads(Some(&w), Some(&b), grads)?;
+                be.group_norm_backward(&x_val, wslice, (&mean, &rstd), &dy, dims, dx, pg)?;
+            }
+            Op::Concat { parts, outer, widths } => {
+                let dy = need(&dy)?;
+                for (i, p) in parts.into_iter().enumerate() {
+                    if let Some(s) = get(slot(slots, p)) {
+                        be.concat_backward(&dy, outer, &widths, i, s)?;
+                    }
+                }
+            }
+            Op::ConvTranspose2d { x, x_val, w, b, dims } => {
+                let dy = need(&dy)?;
+                let wslice = || Slice { buf: &self.params, range: w.range() };
+                if let Some(s) = get(slot(slots, x)) {
+                    // The adjoint of the adjoint: the convolution itself.
+                    let dx = be.conv2d(&dy, wslice(), None, dims)?;
+                    be.accumulate_grad(s, &dx)?;
+                }
+                if let Some(xv) = &x_val {
+                    // dW of a transposed convolution is dW of the convolution with input and output swapped.
+                    let pg = self.layer_grads(Some(&w), None, grads)?;
+                    be.conv2d_backward(Some(&dy), wslice(), xv, dims, None, pg)?;
+                }
+                if let Some(ParamGrads { buf, b: Some((range, dst)), .. }) =
+                    self.layer_grads(None, b.as_ref(), grads)?
+                {
+                    be.channel_bias_backward(&dy, dims.cin, dims.h * dims.w, SliceMut { buf, range, dst })?;
+                }
             }
             Op::Relu { x, y } => {
                 let dy = need(&dy)?;
@@ -646,11 +759,100 @@ impl<B: Backend> Exec for Tape<'_, B> {
         Ok(self.record_unary(xn, y, |x, _| Op::AdaptiveAvgPool { x, planes, hw, out_hw: size }))
     }
 
-    fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+    fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize), align_corners: bool) -> Result<Value<B>> {
         let xn = self.check_node(x)?;
         let (planes, hw) = fwd::plane_dims("upsample_bilinear", x, size)?;
-        let y = fwd::upsample_bilinear(&self.backend, x, size)?;
-        Ok(self.record_unary(xn, y, |x, _| Op::Bilinear { x, planes, hw, out_hw: size }))
+        let y = fwd::upsample_bilinear(&self.backend, x, size, align_corners)?;
+        Ok(self.record_unary(xn, y, |x, _| Op::Bilinear { x, planes, hw, out_hw: size, align_corners }))
+    }
+
+    fn adaptive_max_pool(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let (y, idx) = fwd::adaptive_max_pool(&self.backend, x, size)?;
+        let in_len = x.numel();
+        Ok(self.record_unary(xn, y, |x, _| Op::AdaptiveMaxPool { x, idx, in_len }))
+    }
+
+    fn gelu(&mut self, x: &Value<B>) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let y = fwd::gelu(&self.backend, x)?;
+        Ok(self.record_unary(xn, y, |n, _| Op::Gelu { x: n, x_val: x.buf.clone() }))
+    }
+
+    fn group_norm(&mut self, x: &Value<B>, groups: usize, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<B>> {
+        Ok(self.group_norm_stats(x, groups, w, b, eps)?.0)
+    }
+
+    fn batch_norm(&mut self, x: &Value<B>, bn: &BatchNorm) -> Result<Value<B>> {
+        // Training mode: each channel normalised over (batch, spatial) is a GroupNorm of one group
+        // per channel over the (channels, batch, spatial) layout; its backward comes with it.
+        let (n, c, s) = fwd::channel_dims("batch_norm", x)?;
+        if [&bn.running_mean, &bn.running_var].iter().any(|p| p.shape != [c]) {
+            return Err(TensorError::Shape {
+                op: "batch_norm",
+                msg: format!("running statistics of {:?} for {c} channels", bn.running_mean.shape),
+            });
+        }
+        let m = n * s;
+        if m < 2 {
+            return Err(TensorError::Arg {
+                op: "batch_norm",
+                msg: format!("training needs more than one value per channel, got input {:?}", x.shape),
+            });
+        }
+        let t = self.reshape(x, &[n, c, s])?;
+        let t = self.permute(&t, &[1, 0, 2])?;
+        let t = self.reshape(&t, &[1, c, m])?;
+        let (y, mean, rstd) = self.group_norm_stats(&t, c, &bn.weight, &bn.bias, bn.eps)?;
+        let y = self.reshape(&y, &[c, n, s])?;
+        let y = self.permute(&y, &[1, 0, 2])?;
+        let y = self.reshape(&y, &x.shape)?;
+        // Running statistics as PyTorch keeps them: the unbiased batch variance.
+        let mom = bn.momentum as f64;
+        let old = |p: &ParamRef| self.store.values(p).to_vec();
+        let (rm, rv) = (old(&bn.running_mean), old(&bn.running_var));
+        let new_mean = rm.iter().zip(&mean).map(|(&o, &b)| ((1.0 - mom) * o as f64 + mom * b) as f32).collect();
+        let new_var = rv
+            .iter()
+            .zip(&rstd)
+            .map(|(&o, &r)| {
+                let var = (1.0 / (r * r) - bn.eps as f64).max(0.0) * m as f64 / (m - 1) as f64;
+                ((1.0 - mom) * o as f64 + mom * var) as f32
+            })
+            .collect();
+        self.running.push((bn.running_mean.clone(), new_mean));
+        self.running.push((bn.running_var.clone(), new_var));
+        Ok(y)
+    }
+
+    fn concat(&mut self, parts: &[&Value<B>], axis: usize) -> Result<Value<B>> {
+        let nodes = parts.iter().map(|p| self.check_node(p)).collect::<Result<Vec<_>>>()?;
+        let (outer, widths, _) = fwd::concat_dims(parts, axis)?;
+        let y = fwd::concat(&self.backend, parts, axis)?;
+        if nodes.iter().all(Option::is_none) {
+            return Ok(y);
+        }
+        Ok(self.record(Op::Concat { parts: nodes, outer, widths }, y))
+    }
+
+    fn conv_transpose2d(
+        &mut self,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let dims = fwd::conv_transpose2d_dims(x, w, stride, pad)?;
+        let tw = self.trainable(w);
+        let tb = b.is_some_and(|b| self.trainable(b));
+        let y = fwd::conv_transpose2d(&self.backend, &self.params, x, w, b, dims)?;
+        if xn.is_none() && !tw && !tb {
+            return Ok(y);
+        }
+        let op = Op::ConvTranspose2d { x: xn, x_val: tw.then(|| x.buf.clone()), w: w.clone(), b: b.cloned(), dims };
+        Ok(self.record(op, y))
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {

@@ -147,14 +147,45 @@ struct BilinearG {
     x: ParamRef,
     size: (usize, usize),
     pool: (usize, usize),
+    align_corners: bool,
 }
 impl Graph for BilinearG {
     fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
         let x = e.param(&self.x)?;
-        let y = e.upsample_bilinear(&x, self.size)?;
+        // Max pooling of the raw values (distinct, so finite differences see no ties), joined to
+        // the resized map by a concatenation.
+        let m = e.adaptive_max_pool(&x, self.pool)?;
+        let m = e.reshape(&m, &[1, m.numel()])?;
+        let y = e.upsample_bilinear(&x, self.size, self.align_corners)?;
         // Pooling back down covers the adaptive-pool backward with uneven, overlapping bins.
         let y = e.adaptive_avg_pool(&y, self.pool)?;
+        let y = e.reshape(&y, &[1, y.numel()])?;
+        let y = e.concat(&[&y, &m, &y], 1)?;
         probe(e, &y, 6)
+    }
+}
+
+/// A transposed convolution (overlapping when stride < kernel), GroupNorm and GELU as in the
+/// segmentation neck, then a training-mode BatchNorm.
+struct NeckG {
+    x: ParamRef,
+    wt: ParamRef,
+    bt: Option<ParamRef>,
+    gw: ParamRef,
+    gb: ParamRef,
+    groups: usize,
+    bn: sg_tensor::BatchNorm,
+    stride: usize,
+    pad: usize,
+}
+impl Graph for NeckG {
+    fn build<E: Exec>(&self, e: &mut E) -> Result<Value<E::B>> {
+        let x = e.param(&self.x)?;
+        let y = e.conv_transpose2d(&x, &self.wt, self.bt.as_ref(), self.stride, self.pad)?;
+        let y = e.group_norm(&y, self.groups, &self.gw, &self.gb, 1e-5)?;
+        let y = e.gelu(&y)?;
+        let y = e.batch_norm(&y, &self.bn)?;
+        probe(e, &y, 7)
     }
 }
 
@@ -390,7 +421,24 @@ proptest! {
     fn bilinear_and_adaptive_pool_grads(seed in any::<u64>(), planes in 1usize..3, h in 1usize..5, w in 1usize..5, oh in 1usize..9, ow in 1usize..9,
                                    ph in 1usize..9, pw in 1usize..9) {
         let (c, r) = Check::new(&[("x", vec![planes, h, w])], seed);
-        c.run(&BilinearG { x: r[0].clone(), size: (oh, ow), pool: (ph.min(oh), pw.min(ow)) });
+        let pool = (ph.min(oh).min(h), pw.min(ow).min(w));
+        c.run(&BilinearG { x: r[0].clone(), size: (oh, ow), pool, align_corners: seed % 2 == 0 });
+    }
+
+    #[test]
+    fn transposed_conv_group_norm_gelu_batch_norm_grads(seed in any::<u64>(), b in 1usize..3, cin in 1usize..3,
+            h in 1usize..4, w in 1usize..4, groups in 1usize..3, per in 1usize..3, k in 1usize..4, stride in 1usize..3,
+            pad in 0usize..2, bias in any::<bool>()) {
+        let cout = groups * per;
+        let (oh, ow) = ((h - 1) * stride + k, (w - 1) * stride + k);
+        prop_assume!(oh > 2 * pad && ow > 2 * pad && b * (oh - 2 * pad) * (ow - 2 * pad) > 1);
+        let (c, r) = Check::new(&[("x", vec![b, cin, h, w]), ("wt", vec![cin, cout, k, k]), ("bt", vec![cout]),
+            ("gw", vec![cout]), ("gb", vec![cout]), ("bw", vec![cout]), ("bb", vec![cout]),
+            ("rm", vec![cout]), ("rv", vec![cout])], seed);
+        let bn = sg_tensor::BatchNorm { weight: r[5].clone(), bias: r[6].clone(), running_mean: r[7].clone(),
+            running_var: r[8].clone(), eps: 1e-5, momentum: 0.1 };
+        c.run(&NeckG { x: r[0].clone(), wt: r[1].clone(), bt: bias.then(|| r[2].clone()), gw: r[3].clone(),
+            gb: r[4].clone(), groups, bn, stride, pad });
     }
 
     #[test]
@@ -555,22 +603,125 @@ fn bilinear_and_adaptive_pool_match_pytorch() {
     let mut e = sg_tensor::exec::Eval::new(Cpu, &c.store);
     // torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
     let x = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2]).unwrap();
-    let y = e.upsample_bilinear(&x, (4, 4)).unwrap();
+    let y = e.upsample_bilinear(&x, (4, 4), false).unwrap();
     assert_eq!(y.shape, [1, 1, 4, 4]);
     let want = [1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75, 4.0];
     assert_eq!(e.read(&y), want);
     // Halving averages neighbours: source positions 0.5 and 2.5.
     let x = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 1, 4]).unwrap();
-    let half = e.upsample_bilinear(&x, (1, 2)).unwrap();
+    let half = e.upsample_bilinear(&x, (1, 2), false).unwrap();
     assert_eq!(e.read(&half), [1.5, 3.5]);
-    assert!(e.upsample_bilinear(&x, (0, 2)).is_err());
+    assert!(e.upsample_bilinear(&x, (0, 2), false).is_err());
     // adaptive_avg_pool2d of a 1x5 row to 1x3: bins [0, 2), [1, 4), [3, 5).
     let row = e.constant(&[1.0, 2.0, 3.0, 4.0, 5.0], &[1, 1, 1, 5]).unwrap();
     let pooled = e.adaptive_avg_pool(&row, (1, 3)).unwrap();
     assert_eq!(e.read(&pooled), [1.5, 3.0, 4.5]);
     assert!(e.adaptive_avg_pool(&row, (1, 6)).unwrap_err().to_string().contains("cannot pool"));
     let flat = e.constant(&[1.0], &[1]).unwrap();
-    assert!(e.upsample_bilinear(&flat, (2, 2)).unwrap_err().to_string().contains("[1]"));
+    assert!(e.upsample_bilinear(&flat, (2, 2), false).unwrap_err().to_string().contains("[1]"));
+    // align_corners=True maps corners to corners: a 2x2 ramp to 3x3 puts the means in between.
+    let x = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2]).unwrap();
+    let y = e.upsample_bilinear(&x, (3, 3), true).unwrap();
+    assert_eq!(e.read(&y), [1.0, 1.5, 2.0, 2.0, 2.5, 3.0, 3.0, 3.5, 4.0]);
+    // adaptive_max_pool2d of the same bins as above takes each bin's maximum.
+    let row = e.constant(&[1.0, 5.0, 3.0, 4.0, 2.0], &[1, 1, 1, 5]).unwrap();
+    let m = e.adaptive_max_pool(&row, (1, 3)).unwrap();
+    assert_eq!(e.read(&m), [5.0, 5.0, 4.0]);
+    let nan = e.constant(&[1.0, f32::NAN, 3.0], &[1, 1, 1, 3]).unwrap();
+    let m = e.adaptive_max_pool(&nan, (1, 1)).unwrap();
+    assert!(e.read(&m)[0].is_nan(), "max pool must not hide a NaN");
+    // Concatenation along channels interleaves per sample.
+    let a = e.constant(&[1.0, 2.0, 3.0, 4.0], &[2, 1, 2]).unwrap();
+    let b = e.constant(&[9.0, 8.0], &[2, 1, 1]).unwrap();
+    assert!(e.concat(&[&a, &b], 1).unwrap_err().to_string().contains("differ"));
+    let b = e.constant(&[9.0, 8.0, 7.0, 6.0], &[2, 1, 2]).unwrap();
+    let ab = e.concat(&[&a, &b], 1).unwrap();
+    assert_eq!(ab.shape, [2, 2, 2]);
+    assert_eq!(e.read(&ab), [1.0, 2.0, 9.0, 8.0, 3.0, 4.0, 7.0, 6.0]);
+}
+
+#[test]
+fn transposed_conv_and_norms_match_worked_values() {
+    let (c, r) = Check::new(
+        &[
+            ("w", vec![1, 1, 2, 2]),
+            ("b", vec![1]),
+            ("one", vec![2]),
+            ("zero", vec![2]),
+            ("rm", vec![2]),
+            ("rv", vec![2]),
+        ],
+        1,
+    );
+    let mut store = c.store.clone();
+    store.values_mut(&r[0]).fill(1.0);
+    store.values_mut(&r[1]).fill(0.5);
+    store.values_mut(&r[2]).fill(1.0);
+    store.values_mut(&r[3]).fill(0.0);
+    store.values_mut(&r[4]).fill(0.0);
+    store.values_mut(&r[5]).fill(1.0);
+    let mut e = sg_tensor::exec::Eval::new(Cpu, &store);
+    let x = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 1, 2, 2]).unwrap();
+    // torch.nn.functional.conv_transpose2d with a 2x2 all-ones kernel, bias 0.5: stride 1 overlaps
+    // the blocks, stride 2 tiles them, padding 1 crops the border.
+    let y = e.conv_transpose2d(&x, &r[0], Some(&r[1]), 1, 0).unwrap();
+    assert_eq!(y.shape, [1, 1, 3, 3]);
+    assert_eq!(e.read(&y), [1.5, 3.5, 2.5, 4.5, 10.5, 6.5, 3.5, 7.5, 4.5]);
+    let y = e.conv_transpose2d(&x, &r[0], None, 2, 0).unwrap();
+    assert_eq!(e.read(&y), [1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 4.0, 4.0, 3.0, 3.0, 4.0, 4.0]);
+    let y = e.conv_transpose2d(&x, &r[0], None, 1, 1).unwrap();
+    assert_eq!((y.shape.as_slice(), e.read(&y)), ([1, 1, 1, 1].as_slice(), vec![10.0]));
+    assert!(e.conv_transpose2d(&x, &r[2], None, 1, 0).is_err(), "a 1-axis weight is no kernel");
+    // GroupNorm of (1, 2 channels, 2): one group normalises all four values, two groups each pair.
+    let g = e.constant(&[1.0, 2.0, 3.0, 4.0], &[1, 2, 2]).unwrap();
+    let one = e.group_norm(&g, 1, &r[2], &r[3], 1e-5).unwrap();
+    let one = e.read(&one);
+    let s = (1.25f64 + 1e-5).sqrt();
+    for (a, want) in one.iter().zip([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]) {
+        assert!((a - want).abs() < 1e-6, "{one:?}");
+    }
+    let two = e.group_norm(&g, 2, &r[2], &r[3], 1e-5).unwrap();
+    let two = e.read(&two);
+    let s = (0.25f64 + 1e-5).sqrt();
+    for (a, want) in two.iter().zip([-0.5 / s, 0.5 / s, -0.5 / s, 0.5 / s]) {
+        assert!((a - want).abs() < 1e-6, "{two:?}");
+    }
+    assert!(e.group_norm(&g, 3, &r[2], &r[3], 1e-5).unwrap_err().to_string().contains("3 groups"));
+    // BatchNorm: a training step normalises each channel over (batch, spatial) and moves the
+    // running statistics by momentum 0.1 towards the batch mean and unbiased variance.
+    let bn = sg_tensor::BatchNorm {
+        weight: r[2].clone(),
+        bias: r[3].clone(),
+        running_mean: r[4].clone(),
+        running_var: r[5].clone(),
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let xb = [1.0, 2.0, 10.0, 20.0, 3.0, 4.0, 30.0, 40.0]; // (2 samples, 2 channels, 2)
+    let mut t = Tape::new(Cpu, &store);
+    let xv = t.constant(&xb, &[2, 2, 2]).unwrap();
+    let y = t.batch_norm(&xv, &bn).unwrap();
+    let s = (1.25f64 + 1e-5).sqrt();
+    let got = t.read(&y);
+    for (a, want) in got[..2].iter().chain(&got[4..6]).zip([-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s]) {
+        assert!((a - want).abs() < 1e-5, "{got:?}");
+    }
+    let updates = t.take_running_stats();
+    assert_eq!(updates.len(), 2);
+    let (mean, var) = (&updates[0].1, &updates[1].1);
+    assert!((mean[0] - 0.25).abs() < 1e-6 && (mean[1] - 2.5).abs() < 1e-5, "{mean:?}");
+    // Channel 0 holds 1, 2, 3, 4: unbiased variance 5/3.
+    assert!((var[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-5, "{var:?}");
+    for (p, v) in &updates {
+        store.values_mut(p).copy_from_slice(v);
+    }
+    // Inference uses the running statistics.
+    let mut e = sg_tensor::exec::Eval::new(Cpu, &store);
+    let xv = e.constant(&xb, &[2, 2, 2]).unwrap();
+    let y = e.batch_norm(&xv, &bn).unwrap();
+    let y = e.read(&y);
+    let want = (1.0 - 0.25) / ((0.9 + 0.1 * 5.0 / 3.0) + 1e-5f64).sqrt();
+    assert!((y[0] - want).abs() < 1e-5, "{y:?}");
 }
 
 #[test]

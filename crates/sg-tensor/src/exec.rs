@@ -4,11 +4,24 @@
 //! the same trait, runs the same forward functions ([`fwd`]) keeping what its backward needs, and
 //! records each op.
 
-use crate::backend::{Backend, Conv2dDims, MaeLoss, MaeLossDims, Slice, SpectralAngle};
+use crate::backend::{Backend, Conv2dDims, GroupNormDims, MaeLoss, MaeLossDims, Slice, SpectralAngle};
 use crate::error::{Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::linear::Activation;
 use crate::params::{ParamRef, ParamStore};
+
+/// A BatchNorm layer's parameters: the affine pair (trained) and the running statistics (kept in
+/// the parameter store, never trained, updated by training steps).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchNorm {
+    pub weight: ParamRef,
+    pub bias: ParamRef,
+    pub running_mean: ParamRef,
+    pub running_var: ParamRef,
+    pub eps: f32,
+    /// Weight of the new batch in the running averages (PyTorch's `momentum`, 0.1).
+    pub momentum: f32,
+}
 
 /// Index of a recorded op's output on a tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,9 +94,42 @@ pub trait Exec {
     /// Adaptive average pooling of the last two axes of `x (.., h, w)` to `size` (the pyramid
     /// pooling module of UPerNet); `size` must not exceed the input.
     fn adaptive_avg_pool(&mut self, x: &Value<Self::B>, size: (usize, usize)) -> Result<Value<Self::B>>;
+    /// Adaptive max pooling of the last two axes (the original UPerNet's pyramid pooling).
+    fn adaptive_max_pool(&mut self, x: &Value<Self::B>, size: (usize, usize)) -> Result<Value<Self::B>>;
     /// Bilinear resize of the last two axes of `x (.., h, w)` to `size` (PyTorch's
-    /// `interpolate(mode="bilinear", align_corners=False)`).
-    fn upsample_bilinear(&mut self, x: &Value<Self::B>, size: (usize, usize)) -> Result<Value<Self::B>>;
+    /// `interpolate(mode="bilinear", align_corners=...)`).
+    fn upsample_bilinear(
+        &mut self,
+        x: &Value<Self::B>,
+        size: (usize, usize),
+        align_corners: bool,
+    ) -> Result<Value<Self::B>>;
+    /// Exact-erf GELU elementwise.
+    fn gelu(&mut self, x: &Value<Self::B>) -> Result<Value<Self::B>>;
+    /// GroupNorm of `x (batch, channels, ..)` in `groups` groups, per-channel affine `w`, `b`.
+    fn group_norm(
+        &mut self,
+        x: &Value<Self::B>,
+        groups: usize,
+        w: &ParamRef,
+        b: &ParamRef,
+        eps: f32,
+    ) -> Result<Value<Self::B>>;
+    /// BatchNorm of `x (batch, channels, ..)`. Inference uses the running statistics; a training
+    /// tape normalises with the batch's own and updates the running ones (see the tape).
+    fn batch_norm(&mut self, x: &Value<Self::B>, bn: &BatchNorm) -> Result<Value<Self::B>>;
+    /// Concatenation along `axis` (all other axes equal).
+    fn concat(&mut self, parts: &[&Value<Self::B>], axis: usize) -> Result<Value<Self::B>>;
+    /// Transposed 2-d convolution of `x (batch, cin, h, w)` by `w (cin, cout, kh, kw)` (+ bias),
+    /// PyTorch's `ConvTranspose2d`: the adjoint of the convolution with the same weight.
+    fn conv_transpose2d(
+        &mut self,
+        x: &Value<Self::B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value<Self::B>>;
     /// `max(x, 0)` elementwise (the conv-norm-ReLU blocks of the dense heads).
     fn relu(&mut self, x: &Value<Self::B>) -> Result<Value<Self::B>>;
     /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), with zero
@@ -371,9 +417,144 @@ pub mod fwd {
         Ok(value(be.adaptive_avg_pool(&x.buf, planes, hw, size)?, with_hw(&x.shape, size)))
     }
 
-    pub fn upsample_bilinear<B: Backend>(be: &B, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+    pub fn upsample_bilinear<B: Backend>(
+        be: &B,
+        x: &Value<B>,
+        size: (usize, usize),
+        align_corners: bool,
+    ) -> Result<Value<B>> {
         let (planes, hw) = plane_dims("upsample_bilinear", x, size)?;
-        Ok(value(be.upsample_bilinear(&x.buf, planes, hw, size)?, with_hw(&x.shape, size)))
+        Ok(value(be.upsample_bilinear(&x.buf, planes, hw, size, align_corners)?, with_hw(&x.shape, size)))
+    }
+
+    /// The pooled values and each maximum's index.
+    pub fn adaptive_max_pool<B: Backend>(be: &B, x: &Value<B>, size: (usize, usize)) -> Result<(Value<B>, Vec<u32>)> {
+        let (planes, hw) = pool_dims(x, size)?;
+        let (y, idx) = be.adaptive_max_pool(&x.buf, planes, hw, size)?;
+        Ok((value(y, with_hw(&x.shape, size)), idx))
+    }
+
+    pub fn gelu<B: Backend>(be: &B, x: &Value<B>) -> Result<Value<B>> {
+        Ok(value(be.gelu(&x.buf)?, x.shape.clone()))
+    }
+
+    /// `(batch, channels, spatial)` of a map `x (batch, channels, ..)` for a per-channel op.
+    pub fn channel_dims<B: Backend>(op: &'static str, x: &Value<B>) -> Result<(usize, usize, usize)> {
+        if x.shape.len() < 2 || x.numel() == 0 {
+            return shape_err(op, format!("input {:?} is not (batch, channels, ..)", x.shape));
+        }
+        Ok((x.shape[0], x.shape[1], x.shape[2..].iter().product()))
+    }
+
+    pub fn group_norm_dims<B: Backend>(
+        x: &Value<B>,
+        groups: usize,
+        w: &ParamRef,
+        b: &ParamRef,
+        eps: f32,
+    ) -> Result<GroupNormDims> {
+        let (batch, channels, spatial) = channel_dims("group_norm", x)?;
+        if groups == 0 || channels % groups != 0 || w.shape != [channels] || b.shape != [channels] {
+            return shape_err(
+                "group_norm",
+                format!("{groups} groups, weight {:?}, bias {:?} for input {:?}", w.shape, b.shape, x.shape),
+            );
+        }
+        Ok(GroupNormDims { batch, channels, spatial, groups, eps: eps as f64 })
+    }
+
+    /// GroupNorm's output and its per-(sample, group) mean and 1/std.
+    pub fn group_norm<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: &ParamRef,
+        d: GroupNormDims,
+    ) -> Result<(Value<B>, Vec<f64>, Vec<f64>)> {
+        let (y, mean, rstd) = be.group_norm(&x.buf, slice(params, w), slice(params, b), d)?;
+        Ok((value(y, x.shape.clone()), mean, rstd))
+    }
+
+    /// BatchNorm with the running statistics (inference).
+    pub fn batch_norm_eval<B: Backend>(be: &B, params: &B::Buf, x: &Value<B>, bn: &BatchNorm) -> Result<Value<B>> {
+        let (_, c, plane) = channel_dims("batch_norm", x)?;
+        let ps = [&bn.running_mean, &bn.running_var, &bn.weight, &bn.bias];
+        if ps.iter().any(|p| p.shape != [c]) {
+            return shape_err("batch_norm", format!("parameters of {:?} for {c} channels", bn.weight.shape));
+        }
+        let [m, v, w, b] = ps.map(|p| be.download_slice(slice(params, p)));
+        let y = crate::backend::batch_norm_eval_generic(&be.download(&x.buf), [&m, &v, &w, &b], plane, bn.eps as f64)?;
+        Ok(value(be.upload_f64(&y), x.shape.clone()))
+    }
+
+    /// `(outer, widths)` of a concatenation along `axis`.
+    pub fn concat_dims<B: Backend>(parts: &[&Value<B>], axis: usize) -> Result<(usize, Vec<usize>, Vec<usize>)> {
+        let Some(first) = parts.first() else { return shape_err("concat", "no parts".into()) };
+        if axis >= first.shape.len() {
+            return shape_err("concat", format!("axis {axis} of {:?}", first.shape));
+        }
+        let mut shape = first.shape.clone();
+        shape[axis] = 0;
+        for p in parts {
+            let same = p.shape.len() == first.shape.len()
+                && p.shape.iter().zip(&first.shape).enumerate().all(|(i, (a, b))| i == axis || a == b);
+            if !same {
+                return shape_err("concat", format!("{:?} and {:?} differ off axis {axis}", first.shape, p.shape));
+            }
+            shape[axis] += p.shape[axis];
+        }
+        let outer = first.shape[..axis].iter().product();
+        let widths = parts.iter().map(|p| p.shape[axis..].iter().product()).collect();
+        Ok((outer, widths, shape))
+    }
+
+    pub fn concat<B: Backend>(be: &B, parts: &[&Value<B>], axis: usize) -> Result<Value<B>> {
+        let (outer, widths, shape) = concat_dims(parts, axis)?;
+        let bufs: Vec<&B::Buf> = parts.iter().map(|p| &p.buf).collect();
+        Ok(value(be.concat(&bufs, outer, &widths)?, shape))
+    }
+
+    /// The convolution whose adjoint is a transposed convolution of `x (batch, cin, h, w)` by
+    /// `w (cin, cout, kh, kw)`: it maps the `(batch, cout, H, W)` output back to `x`.
+    pub fn conv_transpose2d_dims<B: Backend>(
+        x: &Value<B>,
+        w: &ParamRef,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Conv2dDims> {
+        let op = "conv_transpose2d";
+        let (&[batch, cin, h, wd], &[wcin, cout, kh, kw]) = (x.shape.as_slice(), w.shape.as_slice()) else {
+            return shape_err(op, format!("input {:?} and weight {:?} must both have 4 axes", x.shape, w.shape));
+        };
+        let (oh, ow) = ((h.max(1) - 1) * stride + kh, (wd.max(1) - 1) * stride + kw);
+        if wcin != cin || stride == 0 || h == 0 || wd == 0 || oh <= 2 * pad || ow <= 2 * pad {
+            return shape_err(
+                op,
+                format!("input {:?}, weight {:?} (in, out, kh, kw), stride {stride}, pad {pad}", x.shape, w.shape),
+            );
+        }
+        Ok(Conv2dDims { batch, cin: cout, h: oh - 2 * pad, w: ow - 2 * pad, cout: cin, kh, kw, stride, pad })
+    }
+
+    pub fn conv_transpose2d<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        d: Conv2dDims,
+    ) -> Result<Value<B>> {
+        let mut y = None;
+        be.conv2d_backward(None, slice(params, w), &x.buf, d, Some(&mut y), None)?;
+        let mut y = y.expect("conv2d_backward wrote dx");
+        if let Some(b) = b {
+            if b.shape != [d.cin] {
+                return shape_err("conv_transpose2d", format!("bias {:?} for {} output channels", b.shape, d.cin));
+            }
+            y = be.channel_bias(&y, slice(params, b), d.h * d.w)?;
+        }
+        Ok(value(y, vec![d.batch, d.cin, d.h, d.w]))
     }
 
     pub fn permute<B: Backend>(be: &B, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
@@ -560,8 +741,41 @@ impl<B: Backend> Exec for Eval<'_, B> {
         fwd::adaptive_avg_pool(&self.backend, x, size)
     }
 
-    fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
-        fwd::upsample_bilinear(&self.backend, x, size)
+    fn adaptive_max_pool(&mut self, x: &Value<B>, size: (usize, usize)) -> Result<Value<B>> {
+        Ok(fwd::adaptive_max_pool(&self.backend, x, size)?.0)
+    }
+
+    fn upsample_bilinear(&mut self, x: &Value<B>, size: (usize, usize), align_corners: bool) -> Result<Value<B>> {
+        fwd::upsample_bilinear(&self.backend, x, size, align_corners)
+    }
+
+    fn gelu(&mut self, x: &Value<B>) -> Result<Value<B>> {
+        fwd::gelu(&self.backend, x)
+    }
+
+    fn group_norm(&mut self, x: &Value<B>, groups: usize, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<B>> {
+        let d = fwd::group_norm_dims(x, groups, w, b, eps)?;
+        Ok(fwd::group_norm(&self.backend, &self.params, x, w, b, d)?.0)
+    }
+
+    fn batch_norm(&mut self, x: &Value<B>, bn: &BatchNorm) -> Result<Value<B>> {
+        fwd::batch_norm_eval(&self.backend, &self.params, x, bn)
+    }
+
+    fn concat(&mut self, parts: &[&Value<B>], axis: usize) -> Result<Value<B>> {
+        fwd::concat(&self.backend, parts, axis)
+    }
+
+    fn conv_transpose2d(
+        &mut self,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value<B>> {
+        let d = fwd::conv_transpose2d_dims(x, w, stride, pad)?;
+        fwd::conv_transpose2d(&self.backend, &self.params, x, w, b, d)
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {

@@ -25,7 +25,7 @@ pub mod tensor;
 
 pub use dtype::DType;
 pub use error::{Result, TensorError};
-pub use exec::{Eval, Exec, Value};
+pub use exec::{BatchNorm, Eval, Exec, Value};
 pub use kernels::Dst;
 pub use params::{ParamRef, ParamStore};
 pub use tensor::Tensor;

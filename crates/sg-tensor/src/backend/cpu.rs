@@ -105,6 +105,10 @@ impl Backend for Cpu {
         b.iter().map(|&v| v as f64).collect()
     }
 
+    fn upload_f64(&self, v: &[f64]) -> Buf {
+        Arc::new(v.iter().map(|&v| v as f32).collect())
+    }
+
     fn zeros(&self, n: usize) -> Buf {
         Arc::new(vec![0.0; n])
     }
@@ -336,34 +340,16 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn adaptive_avg_pool(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
-        Ok(narrow(super::adaptive_avg_pool_generic(x, planes, hw, out_hw)?))
+    fn gelu(&self, x: &Buf) -> Result<Buf> {
+        let mut y = vec![0.0; x.len()];
+        gelu::forward(x, &mut y)?;
+        Ok(Arc::new(y))
     }
 
-    fn adaptive_avg_pool_backward(
-        &self,
-        dy: &Buf,
-        planes: usize,
-        hw: (usize, usize),
-        out_hw: (usize, usize),
-        dx: &mut Grad<Self>,
-    ) -> Result<()> {
-        write_grad("adaptive_avg_pool_backward", dx, super::adaptive_avg_pool_backward_generic(dy, planes, hw, out_hw)?)
-    }
-
-    fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
-        Ok(narrow(super::bilinear_generic(x, planes, hw, out_hw)?))
-    }
-
-    fn upsample_bilinear_backward(
-        &self,
-        dy: &Buf,
-        planes: usize,
-        hw: (usize, usize),
-        out_hw: (usize, usize),
-        dx: &mut Grad<Self>,
-    ) -> Result<()> {
-        write_grad("upsample_bilinear_backward", dx, super::bilinear_backward_generic(dy, planes, hw, out_hw)?)
+    fn gelu_backward(&self, x: &Buf, dy: &Buf, dx: &mut Grad<Self>) -> Result<()> {
+        check_len("gelu_backward", "dy", dy.len(), x.len())?;
+        let (d, mode) = slot("gelu_backward", dx, x.len())?;
+        gelu::backward(x, dy, d, mode)
     }
 
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {

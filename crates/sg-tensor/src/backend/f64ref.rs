@@ -95,6 +95,10 @@ impl Backend for CpuF64 {
         b.to_vec()
     }
 
+    fn upload_f64(&self, v: &[f64]) -> Buf {
+        Arc::new(v.to_vec())
+    }
+
     fn zeros(&self, n: usize) -> Buf {
         Arc::new(vec![0.0; n])
     }
@@ -320,36 +324,13 @@ impl Backend for CpuF64 {
         write_slot("relu_backward", dx, y.len(), |i| if y[i] > 0.0 { dy[i] } else { 0.0 })
     }
 
-    fn adaptive_avg_pool(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
-        Ok(Arc::new(super::adaptive_avg_pool_generic(x, planes, hw, out_hw)?))
+    fn gelu(&self, x: &Buf) -> Result<Buf> {
+        Ok(Arc::new(x.iter().map(|&v| gelu(v)).collect()))
     }
 
-    fn adaptive_avg_pool_backward(
-        &self,
-        dy: &Buf,
-        planes: usize,
-        hw: (usize, usize),
-        out_hw: (usize, usize),
-        dx: &mut Grad<Self>,
-    ) -> Result<()> {
-        let g = super::adaptive_avg_pool_backward_generic(dy, planes, hw, out_hw)?;
-        write_slot("adaptive_avg_pool_backward", dx, g.len(), |i| g[i])
-    }
-
-    fn upsample_bilinear(&self, x: &Buf, planes: usize, hw: (usize, usize), out_hw: (usize, usize)) -> Result<Buf> {
-        Ok(Arc::new(super::bilinear_generic(x, planes, hw, out_hw)?))
-    }
-
-    fn upsample_bilinear_backward(
-        &self,
-        dy: &Buf,
-        planes: usize,
-        hw: (usize, usize),
-        out_hw: (usize, usize),
-        dx: &mut Grad<Self>,
-    ) -> Result<()> {
-        let g = super::bilinear_backward_generic(dy, planes, hw, out_hw)?;
-        write_slot("upsample_bilinear_backward", dx, g.len(), |i| g[i])
+    fn gelu_backward(&self, x: &Buf, dy: &Buf, dx: &mut Grad<Self>) -> Result<()> {
+        check_len("gelu_backward", "dy", dy.len(), x.len())?;
+        write_slot("gelu_backward", dx, x.len(), |i| dy[i] * gelu_grad(x[i]))
     }
 
     fn conv2d(&self, x: &Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Buf> {

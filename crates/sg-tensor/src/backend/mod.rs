@@ -11,10 +11,14 @@
 //! gradients accumulate into ranges of one flat gradient buffer ([`SliceMut`]).
 
 mod cpu;
+mod dense;
 mod f64ref;
 
 pub use cpu::Cpu;
+pub use dense::GroupNormDims;
 pub use f64ref::CpuF64;
+
+pub(crate) use dense::*;
 
 use std::ops::Range;
 
@@ -164,6 +168,23 @@ pub trait Backend: Clone + Send + Sync + 'static {
     }
     /// The values, widened to f64 (exact for both CPU backends).
     fn download(&self, b: &Self::Buf) -> Vec<f64>;
+    /// A buffer holding `v` in the backend's precision (results of the shared f64 loops).
+    fn upload_f64(&self, v: &[f64]) -> Self::Buf;
+    /// A parameter's values.
+    fn download_slice(&self, s: Slice<Self>) -> Vec<f64> {
+        self.download(&self.copy_range(s.buf, s.range))
+    }
+    /// Weight and bias gradients from the shared f64 loops, written in each range's mode.
+    fn write_param_grads(&self, pg: ParamGrads<Self>, dw: &[f64], db: &[f64]) -> Result<()> {
+        let ParamGrads { buf, w, b } = pg;
+        if let Some((range, dst)) = w {
+            self.accumulate(SliceMut { buf: &mut *buf, range, dst }, &self.upload_f64(dw))?;
+        }
+        if let Some((range, dst)) = b {
+            self.accumulate(SliceMut { buf, range, dst }, &self.upload_f64(db))?;
+        }
+        Ok(())
+    }
     fn zeros(&self, n: usize) -> Self::Buf;
     /// A one-element buffer (a loss), in the backend's precision.
     fn scalar(&self, v: f64) -> Self::Buf;
@@ -254,7 +275,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
         planes: usize,
         hw: (usize, usize),
         out_hw: (usize, usize),
-    ) -> Result<Self::Buf>;
+    ) -> Result<Self::Buf> {
+        Ok(self.upload_f64(&adaptive_avg_pool_generic(&self.download(x), planes, hw, out_hw)?))
+    }
     /// Backward of [`Backend::adaptive_avg_pool`].
     fn adaptive_avg_pool_backward(
         &self,
@@ -263,15 +286,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
         hw: (usize, usize),
         out_hw: (usize, usize),
         dx: &mut Grad<Self>,
-    ) -> Result<()>;
-    /// Bilinear resize of `planes` planes from `hw` to `out_hw` (PyTorch `align_corners=False`).
+    ) -> Result<()> {
+        let g = adaptive_avg_pool_backward_generic(&self.download(dy), planes, hw, out_hw)?;
+        self.accumulate_grad(dx, &self.upload_f64(&g))
+    }
+    /// Bilinear resize of `planes` planes from `hw` to `out_hw` (PyTorch's `align_corners` flag).
     fn upsample_bilinear(
         &self,
         x: &Self::Buf,
         planes: usize,
         hw: (usize, usize),
         out_hw: (usize, usize),
-    ) -> Result<Self::Buf>;
+        align_corners: bool,
+    ) -> Result<Self::Buf> {
+        Ok(self.upload_f64(&bilinear_generic(&self.download(x), planes, hw, out_hw, align_corners)?))
+    }
     /// Backward of [`Backend::upsample_bilinear`].
     fn upsample_bilinear_backward(
         &self,
@@ -279,8 +308,104 @@ pub trait Backend: Clone + Send + Sync + 'static {
         planes: usize,
         hw: (usize, usize),
         out_hw: (usize, usize),
+        align_corners: bool,
         dx: &mut Grad<Self>,
-    ) -> Result<()>;
+    ) -> Result<()> {
+        let g = bilinear_backward_generic(&self.download(dy), planes, hw, out_hw, align_corners)?;
+        self.accumulate_grad(dx, &self.upload_f64(&g))
+    }
+
+    /// Adaptive max pooling of `planes` planes from `hw` to `out_hw`, and the index of each maximum.
+    fn adaptive_max_pool(
+        &self,
+        x: &Self::Buf,
+        planes: usize,
+        hw: (usize, usize),
+        out_hw: (usize, usize),
+    ) -> Result<(Self::Buf, Vec<u32>)> {
+        let (y, idx) = adaptive_max_pool_generic(&self.download(x), planes, hw, out_hw)?;
+        Ok((self.upload_f64(&y), idx))
+    }
+    /// Backward of [`Backend::adaptive_max_pool`] into an input of `in_len` values.
+    fn adaptive_max_pool_backward(
+        &self,
+        dy: &Self::Buf,
+        idx: &[u32],
+        in_len: usize,
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let g = adaptive_max_pool_backward_generic(&self.download(dy), idx, in_len)?;
+        self.accumulate_grad(dx, &self.upload_f64(&g))
+    }
+
+    /// GroupNorm of `x (batch, channels, spatial)` with per-channel affine `w`, `b`: the output and
+    /// the per-(sample, group) mean and 1/std.
+    fn group_norm(
+        &self,
+        x: &Self::Buf,
+        w: Slice<Self>,
+        b: Slice<Self>,
+        d: GroupNormDims,
+    ) -> Result<(Self::Buf, Vec<f64>, Vec<f64>)> {
+        let (w, b) = (self.download_slice(w), self.download_slice(b));
+        let (y, mean, rstd) = group_norm_generic(&self.download(x), &w, &b, d)?;
+        Ok((self.upload_f64(&y), mean, rstd))
+    }
+    /// Backward of [`Backend::group_norm`] from its input and statistics.
+    fn group_norm_backward(
+        &self,
+        x: &Self::Buf,
+        w: Slice<Self>,
+        (mean, rstd): (&[f64], &[f64]),
+        dy: &Self::Buf,
+        d: GroupNormDims,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()> {
+        let w = self.download_slice(w);
+        let [gx, gw, gb] = group_norm_backward_generic(&self.download(x), &w, mean, rstd, &self.download(dy), d)?;
+        if let Some(dx) = dx {
+            self.accumulate_grad(dx, &self.upload_f64(&gx))?;
+        }
+        if let Some(pg) = pg {
+            self.write_param_grads(pg, &gw, &gb)?;
+        }
+        Ok(())
+    }
+
+    /// Concatenation of `(outer, widths[i])` parts along their second axis.
+    fn concat(&self, parts: &[&Self::Buf], outer: usize, widths: &[usize]) -> Result<Self::Buf> {
+        let host: Vec<Vec<f64>> = parts.iter().map(|p| self.download(p)).collect();
+        let refs: Vec<&[f64]> = host.iter().map(Vec::as_slice).collect();
+        Ok(self.upload_f64(&concat_generic(&refs, outer, widths)?))
+    }
+    /// Backward of [`Backend::concat`] for part `i`.
+    fn concat_backward(
+        &self,
+        dy: &Self::Buf,
+        outer: usize,
+        widths: &[usize],
+        i: usize,
+        dx: &mut Grad<Self>,
+    ) -> Result<()> {
+        let g = concat_part_generic(&self.download(dy), outer, widths, i)?;
+        self.accumulate_grad(dx, &self.upload_f64(&g))
+    }
+
+    /// `y[n, c, :] + b[c]` over `(batch, channels, plane)` (the bias of a transposed convolution).
+    fn channel_bias(&self, y: &Self::Buf, b: Slice<Self>, plane: usize) -> Result<Self::Buf> {
+        Ok(self.upload_f64(&channel_bias_generic(&self.download(y), &self.download_slice(b), plane)?))
+    }
+    /// Backward of [`Backend::channel_bias`] for the bias: `dy` summed per channel.
+    fn channel_bias_backward(&self, dy: &Self::Buf, channels: usize, plane: usize, db: SliceMut<Self>) -> Result<()> {
+        let g = channel_bias_backward_generic(&self.download(dy), channels, plane);
+        self.accumulate(db, &self.upload_f64(&g))
+    }
+
+    /// Exact-erf GELU elementwise (the dense heads' activations on feature maps).
+    fn gelu(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// Backward of [`Backend::gelu`] with the exact derivative.
+    fn gelu_backward(&self, x: &Self::Buf, dy: &Self::Buf, dx: &mut Grad<Self>) -> Result<()>;
 
     /// 2-d convolution of `x (batch, cin, h, w)` by `w (cout, cin, kh, kw)` (+ bias), zero padding.
     fn conv2d(&self, x: &Self::Buf, w: Slice<Self>, b: Option<Slice<Self>>, d: Conv2dDims) -> Result<Self::Buf>;
@@ -650,119 +775,6 @@ fn check_dropout(p: f32) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// The two source taps and the weight of the second for each of `out` positions resized from `len`,
-/// with PyTorch's `align_corners=False`: source `(i + 0.5) * len / out - 0.5`, clamped at 0.
-fn bilinear_taps(len: usize, out: usize) -> Vec<(usize, usize, f64)> {
-    let scale = len as f64 / out as f64;
-    (0..out)
-        .map(|i| {
-            let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
-            let i0 = (src.floor() as usize).min(len - 1);
-            (i0, (i0 + 1).min(len - 1), src - i0 as f64)
-        })
-        .collect()
-}
-
-/// Bilinear resize of `planes` planes of `h x w` to `oh x ow`.
-pub(crate) fn bilinear_generic<T: Copy + Into<f64>>(
-    x: &[T],
-    planes: usize,
-    (h, w): (usize, usize),
-    (oh, ow): (usize, usize),
-) -> Result<Vec<f64>> {
-    crate::error::check_len("upsample_bilinear", "x", x.len(), planes * h * w)?;
-    let (ty, tx) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
-    let mut out = Vec::with_capacity(planes * oh * ow);
-    for p in x.chunks_exact(h * w) {
-        for &(y0, y1, ly) in &ty {
-            for &(x0, x1, lx) in &tx {
-                let v = |y: usize, xx: usize| p[y * w + xx].into();
-                let top = v(y0, x0) * (1.0 - lx) + v(y0, x1) * lx;
-                let bot = v(y1, x0) * (1.0 - lx) + v(y1, x1) * lx;
-                out.push(top * (1.0 - ly) + bot * ly);
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The adjoint of [`bilinear_generic`]: `dy (planes, oh, ow)` scattered back to `(planes, h, w)`.
-pub(crate) fn bilinear_backward_generic<T: Copy + Into<f64>>(
-    dy: &[T],
-    planes: usize,
-    (h, w): (usize, usize),
-    (oh, ow): (usize, usize),
-) -> Result<Vec<f64>> {
-    crate::error::check_len("upsample_bilinear_backward", "dy", dy.len(), planes * oh * ow)?;
-    let (ty, tx) = (bilinear_taps(h, oh), bilinear_taps(w, ow));
-    let mut dx = vec![0.0; planes * h * w];
-    for (g, d) in dy.chunks_exact(oh * ow).zip(dx.chunks_exact_mut(h * w)) {
-        for (i, &(y0, y1, ly)) in ty.iter().enumerate() {
-            for (j, &(x0, x1, lx)) in tx.iter().enumerate() {
-                let v: f64 = g[i * ow + j].into();
-                d[y0 * w + x0] += v * (1.0 - ly) * (1.0 - lx);
-                d[y0 * w + x1] += v * (1.0 - ly) * lx;
-                d[y1 * w + x0] += v * ly * (1.0 - lx);
-                d[y1 * w + x1] += v * ly * lx;
-            }
-        }
-    }
-    Ok(dx)
-}
-
-/// PyTorch's adaptive-pooling bin `i` of `out` over `len`: `floor(i len / out) .. ceil((i + 1) len / out)`.
-fn pool_bin(i: usize, len: usize, out: usize) -> Range<usize> {
-    i * len / out..((i + 1) * len).div_ceil(out)
-}
-
-/// Adaptive average pooling of `planes` planes of `h x w` to `oh x ow`.
-pub(crate) fn adaptive_avg_pool_generic<T: Copy + Into<f64>>(
-    x: &[T],
-    planes: usize,
-    (h, w): (usize, usize),
-    (oh, ow): (usize, usize),
-) -> Result<Vec<f64>> {
-    crate::error::check_len("adaptive_avg_pool", "x", x.len(), planes * h * w)?;
-    let mut out = Vec::with_capacity(planes * oh * ow);
-    for p in x.chunks_exact(h * w) {
-        for i in 0..oh {
-            let ys = pool_bin(i, h, oh);
-            for j in 0..ow {
-                let xs = pool_bin(j, w, ow);
-                let n = (ys.len() * xs.len()) as f64;
-                out.push(
-                    ys.clone().flat_map(|y| xs.clone().map(move |x| y * w + x)).map(|k| p[k].into()).sum::<f64>() / n,
-                );
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The adjoint of [`adaptive_avg_pool_generic`]: each output gradient spread evenly over its bin.
-pub(crate) fn adaptive_avg_pool_backward_generic<T: Copy + Into<f64>>(
-    dy: &[T],
-    planes: usize,
-    (h, w): (usize, usize),
-    (oh, ow): (usize, usize),
-) -> Result<Vec<f64>> {
-    crate::error::check_len("adaptive_avg_pool_backward", "dy", dy.len(), planes * oh * ow)?;
-    let mut dx = vec![0.0; planes * h * w];
-    for (g, d) in dy.chunks_exact(oh * ow).zip(dx.chunks_exact_mut(h * w)) {
-        for i in 0..oh {
-            let ys = pool_bin(i, h, oh);
-            for j in 0..ow {
-                let xs = pool_bin(j, w, ow);
-                let v = g[i * ow + j].into() / (ys.len() * xs.len()) as f64;
-                for y in ys.clone() {
-                    d[y * w + xs.start..y * w + xs.end].iter_mut().for_each(|e| *e += v);
-                }
-            }
-        }
-    }
-    Ok(dx)
 }
 
 pub(crate) fn dropout_generic<T: Copy + Into<f64>>(x: &[T], p: f32, seed: u64, group: usize) -> Result<Vec<f64>> {
