@@ -53,6 +53,10 @@ enum Op<B: Backend> {
         a: Option<NodeId>,
         b: Option<NodeId>,
     },
+    Sub {
+        a: Option<NodeId>,
+        b: Option<NodeId>,
+    },
     AddRows {
         x: Option<NodeId>,
         rows: Option<NodeId>,
@@ -497,6 +501,15 @@ impl<'a, B: Backend> Tape<'a, B> {
                     be.accumulate_grad(s, &dy)?;
                 }
             }
+            Op::Sub { a, b } => {
+                let dy = need(&dy)?;
+                if let Some(s) = get(slot(slots, a)) {
+                    be.accumulate_grad(s, &dy)?;
+                }
+                if let Some(s) = get(slot(slots, b)) {
+                    be.neg_accumulate_grad(s, &dy)?;
+                }
+            }
             Op::AddRows { x, rows, rows_count, dim } => {
                 let dy = need(&dy)?;
                 if let Some(s) = get(slot(slots, x)) {
@@ -696,6 +709,12 @@ impl<B: Backend> Exec for Tape<'_, B> {
         let (an, bn) = (self.check_node(a)?, self.check_node(b)?);
         let y = fwd::add(&self.backend, a, b)?;
         Ok(if an.is_some() || bn.is_some() { self.record(Op::Add { a: an, b: bn }, y) } else { y })
+    }
+
+    fn sub(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        let (an, bn) = (self.check_node(a)?, self.check_node(b)?);
+        let y = fwd::sub(&self.backend, a, b)?;
+        Ok(if an.is_some() || bn.is_some() { self.record(Op::Sub { a: an, b: bn }, y) } else { y })
     }
 
     fn add_rows(&mut self, x: &Value<B>, rows: &Value<B>) -> Result<Value<B>> {

@@ -139,6 +139,10 @@ impl Graph for ConvG {
         let y = e.conv2d(&x, &self.w1, self.b1.as_ref(), self.stride, self.pad)?;
         let y = if self.relu { e.relu(&y)? } else { y };
         let z = e.conv2d(&y, &self.w2, None, 1, 1)?;
+        // A siamese difference: the same weights on two inputs, subtracted.
+        let z2 = e.conv2d(&y, &self.w2, None, 1, 1)?;
+        let z2 = e.relu(&z2)?;
+        let z = e.sub(&z, &z2)?;
         probe(e, &z, 5)
     }
 }

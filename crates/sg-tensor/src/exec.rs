@@ -77,6 +77,8 @@ pub trait Exec {
     /// Multi-head attention from a packed `(batch, seq, 3 * width)` QKV value to `(batch, seq, width)`.
     fn attention(&mut self, qkv: &Value<Self::B>, heads: usize) -> Result<Value<Self::B>>;
     /// `a + b`, equal shapes (residual connections).
+    /// `a - b` (same shapes).
+    fn sub(&mut self, a: &Value<Self::B>, b: &Value<Self::B>) -> Result<Value<Self::B>>;
     fn add(&mut self, a: &Value<Self::B>, b: &Value<Self::B>) -> Result<Value<Self::B>>;
     /// `x + rows`, where `rows` matches the trailing axes of `x` and repeats over the leading ones.
     fn add_rows(&mut self, x: &Value<Self::B>, rows: &Value<Self::B>) -> Result<Value<Self::B>>;
@@ -291,6 +293,13 @@ pub mod fwd {
             return shape_err("add", format!("{:?} + {:?}", a.shape, b.shape));
         }
         Ok(value(be.add(&a.buf, &b.buf)?, a.shape.clone()))
+    }
+
+    pub fn sub<B: Backend>(be: &B, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        if a.shape != b.shape {
+            return shape_err("sub", format!("{:?} - {:?}", a.shape, b.shape));
+        }
+        Ok(value(be.sub(&a.buf, &b.buf)?, a.shape.clone()))
     }
 
     pub fn add_rows<B: Backend>(be: &B, x: &Value<B>, rows: &Value<B>) -> Result<Value<B>> {
@@ -711,6 +720,10 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn attention(&mut self, qkv: &Value<B>, heads: usize) -> Result<Value<B>> {
         Ok(fwd::attention(&self.backend, qkv, heads, false)?.0)
+    }
+
+    fn sub(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {
+        fwd::sub(&self.backend, a, b)
     }
 
     fn add(&mut self, a: &Value<B>, b: &Value<B>) -> Result<Value<B>> {

@@ -460,6 +460,12 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn sub(&self, a: &Buf, b: &Buf) -> Result<Buf> {
+        let mut y = vec![0.0; a.len()];
+        elementwise::sub(a, b, &mut y, Dst::Overwrite)?;
+        Ok(Arc::new(y))
+    }
+
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {
         let mut y = vec![0.0; a.len()];
         elementwise::add(a, b, &mut y, Dst::Overwrite)?;

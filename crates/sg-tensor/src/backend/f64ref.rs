@@ -404,6 +404,11 @@ impl Backend for CpuF64 {
         Ok(())
     }
 
+    fn sub(&self, a: &Buf, b: &Buf) -> Result<Buf> {
+        check_len("sub", "b", b.len(), a.len())?;
+        Ok(Arc::new(a.iter().zip(b.iter()).map(|(x, y)| x - y).collect()))
+    }
+
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {
         check_len("add", "b", b.len(), a.len())?;
         Ok(Arc::new(a.iter().zip(b.iter()).map(|(x, y)| x + y).collect()))

@@ -422,6 +422,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// `a + b` (equal lengths).
     fn add(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// `a - b` (equal lengths): the siamese change-detection difference.
+    fn sub(&self, a: &Self::Buf, b: &Self::Buf) -> Result<Self::Buf>;
+    /// `-dy` written or added into `dx` (the backward of `sub` for its second operand).
+    fn neg_accumulate_grad(&self, dx: &mut Grad<Self>, dy: &Self::Buf) -> Result<()> {
+        let g: Vec<f64> = self.download(dy).into_iter().map(|v| -v).collect();
+        self.accumulate_grad(dx, &self.upload_f64(&g))
+    }
     /// `x[i, :] + rows[i % rows_count, :]`: `rows` (`rows_count x dim`) repeats over the leading axis.
     fn add_rows(&self, x: &Self::Buf, rows: &Self::Buf, dim: usize) -> Result<Self::Buf>;
     /// `drows (=|+=) sum over repeats of dy`, with `rows_count` rows.
