@@ -274,9 +274,20 @@ impl UperNet {
 
     /// The encoder's last-block features with the spectral groups merged: `(N, D, h, w)`.
     pub fn feature_map<E: Exec>(&self, e: &mut E, tokens: &Value<E::B>) -> Result<Value<E::B>> {
+        let x = self.encoder.features(e, tokens)?;
+        self.merge(e, &x)
+    }
+
+    /// Encoder features `(N, t*h*w, D)` with the spectral groups merged by `fc`: `(N, D, h, w)`.
+    pub fn merge<E: Exec>(&self, e: &mut E, x: &Value<E::B>) -> Result<Value<E::B>> {
         let (t, h, w) = self.cfg.encoder.grid();
         let d = self.cfg.encoder.embed_dim;
-        let x = self.encoder.features(e, tokens)?;
+        if x.shape.len() != 3 || x.shape[1] != t * h * w || x.shape[2] != d {
+            return Err(TensorError::Shape {
+                op: "UperNet::merge",
+                msg: format!("features {:?} are not (N, {}, {d})", x.shape, t * h * w),
+            });
+        }
         let n = x.shape[0];
         let x = e.reshape(&x, &[n, t, h * w, d])?;
         let x = e.permute(&x, &[0, 2, 3, 1])?;
