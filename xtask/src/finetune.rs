@@ -22,14 +22,22 @@ use sg_tensor::{Eval, Exec, ParamStore, Result, TensorError};
 use sg_vit::config::{parse_json, PosEmbed, VitConfig};
 use sg_vit::Vit;
 
-pub const USAGE: &str =
-    "cargo xtask finetune --task eurosat|bigearthnet [--data DIR] [--init PRETRAIN_DIR] [--epochs N]
+pub const USAGE: &str = "(segmentation and change detection: see xtask::dense::USAGE)
+cargo xtask finetune --task eurosat|bigearthnet [--data DIR] [--init PRETRAIN_DIR] [--epochs N]
     [--batch N] [--blr X] [--config tiny|base|...] [--pos-embed pretrained|joined] [--val-fraction F]
     [--seed N] [--out DIR]
 cargo xtask eval --task eurosat|bigearthnet --checkpoint DIR --data DIR [--split val|all] [--json]";
 
 fn arg_err(msg: String) -> TensorError {
     TensorError::Arg { op: "finetune", msg }
+}
+
+/// The dense task named by `--task`, if any (those live in [`crate::dense`]).
+fn dense_task(args: &[String]) -> Option<crate::dense::DenseTask> {
+    args.iter()
+        .position(|a| a == "--task")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|t| crate::dense::DenseTask::parse(t))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,9 +51,7 @@ impl Task {
         match s {
             "eurosat" => Ok(Task::EuroSat),
             "bigearthnet" => Ok(Task::BigEarthNet),
-            other => Err(arg_err(format!(
-                "--task `{other}`: eurosat or bigearthnet (segmentation and change detection need the UPerNet head, not built yet)"
-            ))),
+            other => Err(arg_err(format!("--task `{other}`: eurosat, bigearthnet, segmentation or change"))),
         }
     }
     fn classes(self) -> usize {
@@ -314,6 +320,9 @@ fn parse(args: &[String]) -> Result<Args> {
 /// Fine-tunes and writes `checkpoint.safetensors`, `config.json` and `metrics.json`; returns the
 /// final validation metrics.
 pub fn finetune(args: &[String]) -> Result<serde_json::Value> {
+    if let Some(t) = dense_task(args) {
+        return crate::dense::finetune(t, args);
+    }
     let a = parse(args)?;
     let (train, val) = splits(a.task, &a.data, a.val_fraction, a.seed)?;
     // The encoder: the pretraining checkpoint's dimensions, or a named size.
@@ -429,6 +438,9 @@ pub fn finetune(args: &[String]) -> Result<serde_json::Value> {
 
 /// Metrics of a fine-tuned checkpoint on a split of `--data`.
 pub fn eval(args: &[String]) -> Result<serde_json::Value> {
+    if let Some(t) = dense_task(args) {
+        return crate::dense::eval(t, args);
+    }
     let mut kv: HashMap<String, String> = HashMap::new();
     let mut json = false;
     let mut it = args.iter();

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod convert;
 pub mod crop;
+pub mod dense;
 pub mod finetune;
 pub mod parity;
 pub mod plot;

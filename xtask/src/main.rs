@@ -14,8 +14,8 @@ use std::process::{Command, ExitCode};
 const USAGE: &str = "usage:
   cargo xtask pretrain [--help for options]
   cargo xtask reconstruct --checkpoint DIR --input FILE.tif|DIR --out FILE.png
-  cargo xtask finetune --task eurosat|bigearthnet [--data DIR] [--init PRETRAIN_DIR] [--epochs N] [--out DIR]
-  cargo xtask eval --task eurosat|bigearthnet --checkpoint DIR --data DIR [--json]
+  cargo xtask finetune --task eurosat|bigearthnet|segmentation|change [--data DIR] [--init PRETRAIN_DIR] [--epochs N] [--out DIR]
+  cargo xtask eval --task eurosat|bigearthnet|segmentation|change --checkpoint DIR --data DIR [--json]
   cargo xtask parity FIXTURE.safetensors...
   cargo xtask convert IN.pth OUT.safetensors
   cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE

@@ -1,7 +1,8 @@
 //! `cargo xtask parity FIXTURE.safetensors`: reproduces a PyTorch reference dump.
 //!
 //! The fixture's metadata `config` sets the model; the parameters present decide which model
-//! (`param.decoder_embed.weight`: pretraining; `param.head.weight`: classifier). Every `param.*` is
+//! (`param.decoder_embed.weight`: pretraining; `param.head.weight`: classifier;
+//! `param.cls_seg.0.weight`: the segmentation head on given encoder features). Every `param.*` is
 //! loaded (strictly: missing, extra or mis-shaped tensors are errors), the forward and backward run
 //! on the f32 CPU tape, and every `output.*` and `grad.*` is compared: outputs and losses within
 //! 1e-5 relative (1e-6 absolute) elementwise, gradients within 1e-4 of each tensor's largest value
@@ -128,8 +129,10 @@ pub fn run(path: impl AsRef<Path>) -> Result<Report> {
         run_mae(&f, &json)
     } else if f.contains("param.head.weight") {
         run_classifier(&f, &json)
+    } else if f.contains("param.cls_seg.0.weight") {
+        run_dense(&f, &json)
     } else {
-        Err(fmt_err(path, "holds neither a pretraining model (decoder_embed) nor a classifier (head)"))
+        Err(fmt_err(path, "holds no pretraining model (decoder_embed), classifier (head) or dense head (cls_seg)"))
     }
 }
 
@@ -208,6 +211,49 @@ fn run_classifier(f: &SafetensorsFile, json: &serde_json::Value) -> Result<Repor
     let grads = tape.backward(&loss)?;
     checks.extend(compare_grads(&store, &grads.buf, f)?);
     Ok(Report { model: "classifier (Vit)", checks })
+}
+
+/// The segmentation head on given encoder features (`tools/upernet_reference.py`).
+fn run_dense(f: &SafetensorsFile, json: &serde_json::Value) -> Result<Report> {
+    let num = |k: &str| json.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let grid = json.get("grid").and_then(|g| g.get(0)).and_then(|v| v.as_u64()).map(|v| v as usize);
+    let (Some(t), Some(d), Some(ch), Some(fpn), Some(classes), Some(g)) =
+        (num("t"), num("embed_dim"), num("channels"), num("fpn"), num("classes"), grid)
+    else {
+        return Err(fmt_err(f.path(), "a dense fixture needs t, embed_dim, channels, fpn, classes and grid"));
+    };
+    let mut enc = VitConfig::preset("tiny", g * 8)?;
+    (enc.bands, enc.embed_dim, enc.depth, enc.num_heads) = (t * enc.t_patch_size, d, 1, 1);
+    let mut cfg = sg_heads::DenseConfig::new(enc, classes);
+    (cfg.channels, cfg.fpn, cfg.dropout) = (ch, fpn, 0.0);
+    let mut store = ParamStore::new();
+    let model = sg_heads::UperNet::new(cfg, &mut store, 0)?;
+    let report = load_params(&mut store, f, "param.", false)?;
+    if !report.unexpected.is_empty() {
+        return Err(fmt_err(f.path(), format!("has parameters the model lacks: {}", report.unexpected.join(", "))));
+    }
+    let (fshape, feats) = f.f32("input.features")?;
+    let fref = store.add("features", &fshape, feats)?;
+    let labels: Vec<usize> = f.f32("input.labels")?.1.iter().map(|&v| v as usize).collect();
+    let weights = f.f32("input.weights")?.1;
+    let mut tape = Tape::new(Cpu, &store);
+    let x = tape.param(&fref)?;
+    let map = model.merge(&mut tape, &x)?;
+    let logits = model.decode(&mut tape, &map)?;
+    let (loss, l) = sg_heads::UperNet::pixel_loss(&mut tape, &logits, &labels, &weights, 255)?;
+    let mut checks = vec![
+        output_check("output.logits", &tape.read(&logits), &f.f32("output.logits")?.1),
+        output_check("output.loss", &[l], &f.f32("output.loss")?.1),
+    ];
+    let grads = tape.backward(&loss)?;
+    let entries: Vec<_> = store.entries().iter().filter(|e| f.contains(&format!("grad.{}", e.name))).collect();
+    let want = entries.iter().map(|e| f.f32(&format!("grad.{}", e.name))).collect::<Result<Vec<_>>>()?;
+    let model_scale = want.iter().flat_map(|(_, w)| w.iter()).fold(0f64, |m, &w| m.max((w as f64).abs()));
+    for (e, (_, w)) in entries.iter().zip(&want) {
+        let got: Vec<f64> = grads.buf[e.param.range()].iter().map(|&v| v as f64).collect();
+        checks.push(grad_check(&format!("grad.{}", e.name), &got, w, model_scale));
+    }
+    Ok(Report { model: "segmentation head (UperNet)", checks })
 }
 
 fn compare_grads(store: &ParamStore, grads: &[f32], f: &SafetensorsFile) -> Result<Vec<Check>> {

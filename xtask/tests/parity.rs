@@ -15,7 +15,7 @@ fn every_fixture_reproduces_the_pytorch_reference() {
             n += 1;
         }
     }
-    assert_eq!(n, 3, "expected the three parity fixtures");
+    assert_eq!(n, 4, "expected the four parity fixtures");
 }
 
 #[test]

@@ -289,7 +289,7 @@ impl UperNet {
             });
         }
         let n = x.shape[0];
-        let x = e.reshape(&x, &[n, t, h * w, d])?;
+        let x = e.reshape(x, &[n, t, h * w, d])?;
         let x = e.permute(&x, &[0, 2, 3, 1])?;
         let x =
             e.linear(&x, &self.fc.weight, self.fc.bias.as_ref(), sg_tensor::kernels::linear::Activation::Identity)?;

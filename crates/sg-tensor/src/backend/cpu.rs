@@ -61,6 +61,21 @@ fn write_grad(op: &'static str, dx: &mut Grad<Cpu>, g: Vec<f64>) -> Result<()> {
     Ok(())
 }
 
+fn pointwise(d: &Conv2dDims) -> bool {
+    d.kh == 1 && d.kw == 1 && d.stride == 1 && d.pad == 0
+}
+
+/// The unfolded image: the image itself for a 1x1 kernel at stride 1 without padding (the dense
+/// heads' many pointwise convolutions), else [`im2col`] into `cols`.
+fn unfold<'a>(d: &Conv2dDims, img: &'a [f32], cols: &'a mut [f32]) -> &'a [f32] {
+    if pointwise(d) {
+        img
+    } else {
+        im2col(d, img, cols);
+        cols
+    }
+}
+
 /// Unfolds one image for a convolution: row `r` = (channel, ki, kj), column = output position.
 fn im2col(d: &Conv2dDims, img: &[f32], cols: &mut [f32]) {
     let (ho, wo) = d.out_hw();
@@ -359,11 +374,12 @@ impl Backend for Cpu {
         let (ho, wo) = d.out_hw();
         let (k, p) = (d.k(), ho * wo);
         let mut out = vec![0f32; d.batch * d.cout * p];
-        let mut cols = vec![0f32; k * p];
+        let mut cols = if pointwise(&d) { Vec::new() } else { vec![0f32; k * p] };
         for n in 0..d.batch {
-            im2col(&d, &x[n * d.cin * d.h * d.w..(n + 1) * d.cin * d.h * d.w], &mut cols);
+            let img = &x[n * d.cin * d.h * d.w..(n + 1) * d.cin * d.h * d.w];
+            let cols = unfold(&d, img, &mut cols);
             let o = &mut out[n * d.cout * p..(n + 1) * d.cout * p];
-            gemm(Trans::N, Trans::N, d.cout, p, k, 1.0, sl(&w), k, &cols, p, 0.0, o, p)?;
+            gemm(Trans::N, Trans::N, d.cout, p, k, 1.0, sl(&w), k, cols, p, 0.0, o, p)?;
             if let Some(b) = &b {
                 for (row, &bias) in o.chunks_exact_mut(p).zip(sl(b)) {
                     row.iter_mut().for_each(|v| *v += bias);
@@ -386,11 +402,31 @@ impl Backend for Cpu {
         let (ho, wo) = d.out_hw();
         let (k, p, chw) = (d.k(), ho * wo, d.cin * d.h * d.w);
         check_len(op, "dy", dy.len(), d.batch * d.cout * p)?;
-        let mut cols = vec![0f32; k * p];
+        let mut cols = if pointwise(&d) { Vec::new() } else { vec![0f32; k * p] };
         if let Some(g) = dx {
             // A fresh slot is zeroed, so col2im adds into it in either mode.
             let (dxs, _) = slot(op, g, d.batch * chw)?;
             for n in 0..d.batch {
+                let dyn_ = &dy[n * d.cout * p..(n + 1) * d.cout * p];
+                if pointwise(&d) {
+                    // No folding: dx_n += W^T dy_n straight into the gradient.
+                    gemm(
+                        Trans::T,
+                        Trans::N,
+                        k,
+                        p,
+                        d.cout,
+                        1.0,
+                        sl(&w),
+                        k,
+                        dyn_,
+                        p,
+                        1.0,
+                        &mut dxs[n * chw..(n + 1) * chw],
+                        p,
+                    )?;
+                    continue;
+                }
                 // dcols = W^T dy_n, folded back (col2im) into dx.
                 gemm(
                     Trans::T,
@@ -426,7 +462,7 @@ impl Backend for Cpu {
             if let (Some(dw), Some(mode)) = (dw, wm) {
                 let x = x.ok_or_else(|| TensorError::Arg { op, msg: "the weight gradient needs the input".into() })?;
                 for n in 0..d.batch {
-                    im2col(&d, &x[n * chw..(n + 1) * chw], &mut cols);
+                    let cols = unfold(&d, &x[n * chw..(n + 1) * chw], &mut cols);
                     // dW (=|+=) dy_n cols^T.
                     let beta = if n == 0 && mode == Dst::Overwrite { 0.0 } else { 1.0 };
                     gemm(
@@ -438,7 +474,7 @@ impl Backend for Cpu {
                         1.0,
                         &dy[n * d.cout * p..(n + 1) * d.cout * p],
                         p,
-                        &cols,
+                        cols,
                         p,
                         beta,
                         dw,

@@ -1,0 +1,124 @@
+//! Fine-tuning and evaluation of the dense tasks (segmentation on the Sen1Floods11 chip, change
+//! detection on the OSCD city pair) on the bundled fixtures.
+
+use std::path::{Path, PathBuf};
+
+use xtask::finetune::{eval, finetune};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sg-dense-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn args(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+}
+
+fn losses(r: &serde_json::Value) -> Vec<f64> {
+    r["history"].as_array().unwrap().iter().map(|h| h["train_loss"].as_f64().unwrap()).collect()
+}
+
+fn pngs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .collect()
+}
+
+#[test]
+fn segmentation_finetunes_evaluates_and_writes_maps() {
+    let out = tmp("seg");
+    let o = out.to_str().unwrap();
+    let m = finetune(&args(&[
+        "--task",
+        "segmentation",
+        "--epochs",
+        "3",
+        "--steps-per-epoch",
+        "4",
+        "--batch",
+        "2",
+        "--img",
+        "64",
+        "--out",
+        o,
+    ]))
+    .unwrap();
+    let l = losses(&report(&out));
+    assert!(l[2] < l[0], "training loss did not fall: {l:?}");
+    let (oa, miou) = (m["oa"].as_f64().unwrap(), m["miou"].as_f64().unwrap());
+    assert!(oa > 0.0 && oa <= 1.0 && (0.0..=1.0).contains(&miou), "{m}");
+    assert_eq!(m["per_class_iou"].as_array().unwrap().len(), 2);
+    let maps = pngs(&out.join("maps"));
+    assert_eq!(maps.len(), 1, "one held-out region, one map");
+    assert!(std::fs::read(&maps[0]).unwrap().starts_with(b"\x89PNG"));
+    // The checkpoint alone reproduces the held-out numbers; the whole chip is more pixels.
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sen1floods11");
+    let e =
+        eval(&args(&["--task", "segmentation", "--checkpoint", o, "--data", fx.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(e["miou"], m["miou"]);
+    let all =
+        eval(&args(&["--task", "segmentation", "--checkpoint", o, "--data", fx.to_str().unwrap(), "--split", "all"]))
+            .unwrap();
+    assert!(all["pixels"].as_u64().unwrap() > 2 * e["pixels"].as_u64().unwrap());
+}
+
+#[test]
+fn change_detection_with_batch_norm_finetunes_and_evaluates() {
+    let out = tmp("change");
+    let o = out.to_str().unwrap();
+    let m = finetune(&args(&[
+        "--task",
+        "change",
+        "--epochs",
+        "3",
+        "--steps-per-epoch",
+        "4",
+        "--batch",
+        "2",
+        "--img",
+        "64",
+        "--norm",
+        "batch",
+        "--out",
+        o,
+    ]))
+    .unwrap();
+    let l = losses(&report(&out));
+    assert!(l[2] < l[0], "training loss did not fall: {l:?}");
+    for k in ["precision", "recall", "f1"] {
+        assert!((0.0..=1.0).contains(&m[k].as_f64().unwrap()), "{k}: {m}");
+    }
+    // BatchNorm's running statistics moved and were saved with the weights.
+    let f = sg_tensor::io::SafetensorsFile::open(out.join("checkpoint.safetensors")).unwrap();
+    let (_, rm) = f.f32("conv0.1.running_mean").unwrap();
+    assert!(rm.iter().any(|&v| v != 0.0));
+    assert_eq!(pngs(&out.join("maps")).len(), 1);
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/oscd");
+    let e = eval(&args(&["--task", "change", "--checkpoint", o, "--data", fx.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(e["f1"], m["f1"]);
+    // A change checkpoint is not a segmentation model.
+    let wrong = eval(&args(&["--task", "segmentation", "--checkpoint", o, "--data", fx.to_str().unwrap()]));
+    assert!(wrong.unwrap_err().to_string().contains("not a segmentation checkpoint"));
+}
+
+#[test]
+fn bad_dense_options_are_errors() {
+    let run = |v: &[&str]| {
+        let mut a = args(&["--task", "segmentation", "--epochs", "1", "--steps-per-epoch", "1"]);
+        a.extend(args(v));
+        finetune(&a).unwrap_err().to_string()
+    };
+    assert!(run(&["--bogus", "1"]).contains("unknown option"));
+    assert!(run(&["--img", "40"]).contains("6x6"));
+    assert!(run(&["--val-fraction", "0.95"]).contains("smaller than"));
+    assert!(run(&["--norm", "layer"]).contains("group or batch"));
+    assert!(run(&["--data", "/nonexistent/floods"]).contains("/nonexistent/floods"));
+    assert!(eval(&args(&["--task", "change", "--data", "x"])).unwrap_err().to_string().contains("--checkpoint"));
+}
