@@ -57,6 +57,7 @@ fn parity(files: &[&str]) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    sg_tensor::par::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["pretrain", rest @ ..] => {

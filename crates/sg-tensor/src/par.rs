@@ -112,3 +112,26 @@ impl SendPtr {
         self.0
     }
 }
+
+/// Asks the C allocator to keep freed memory for reuse instead of returning it to the system
+/// (glibc on Linux; elsewhere nothing happens). A training step allocates and frees the same
+/// large activation buffers every step; glibc serves blocks above its mmap threshold (at most
+/// 32 MiB, a decoder MLP activation is 38 MiB) with fresh mappings, so every step pays page
+/// faults and page clearing again (4 base pretraining steps: 1.94 M page faults before, 0.70 M
+/// after, 15% less CPU time; peak RSS grows by the reused blocks, 2083 -> 2449 MiB).
+/// Binaries call this once at start; a library never changes process-wide settings by itself.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        // SAFETY: mallopt only changes allocator tuning parameters; any values are valid.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, 1 << 30);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
