@@ -8,7 +8,7 @@ use crate::backend::{Backend, Conv2dDims, GroupNormDims, MaeLoss, MaeLossDims, S
 use crate::error::{Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::linear::Activation;
-use crate::params::{ParamRef, ParamStore};
+use crate::params::{HalfParams, ParamRef, ParamStore};
 
 /// A BatchNorm layer's parameters: the affine pair (trained) and the running statistics (kept in
 /// the parameter store, never trained, updated by training steps).
@@ -678,8 +678,15 @@ pub mod fwd {
 /// Runs ops at once on a backend, recording nothing: inference.
 pub struct Eval<'a, B: Backend> {
     backend: B,
-    params: B::Buf,
-    _store: std::marker::PhantomData<&'a ParamStore>,
+    params: Weights<'a, B>,
+}
+
+/// Where an executor's parameters live.
+enum Weights<'a, B: Backend> {
+    /// f32 on the backend, used in place.
+    Full(B::Buf),
+    /// f16 / bf16 on the host, widened per op.
+    Half(&'a HalfParams),
 }
 
 impl<'a, B: Backend> Eval<'a, B> {
@@ -691,7 +698,40 @@ impl<'a, B: Backend> Eval<'a, B> {
 
     /// An executor over parameter values already on the backend, laid out like `store`.
     pub fn with_params(backend: B, _store: &'a ParamStore, params: B::Buf) -> Self {
-        Eval { backend, params, _store: std::marker::PhantomData }
+        Eval { backend, params: Weights::Full(params) }
+    }
+
+    /// An executor over half-precision weights: each op widens the parameters it uses to f32 for
+    /// the duration of the op, so only one layer's weights are ever held in f32.
+    pub fn half(backend: B, params: &'a HalfParams) -> Self {
+        Eval { backend, params: Weights::Half(params) }
+    }
+
+    /// Runs `f` on a parameter buffer holding `ps` and the references to them in it: the store's
+    /// buffer itself, or the widened parameters packed into a fresh one.
+    fn using<T>(
+        &self,
+        ps: &[Option<&ParamRef>],
+        f: impl FnOnce(&B::Buf, &[Option<ParamRef>]) -> Result<T>,
+    ) -> Result<T> {
+        match &self.params {
+            Weights::Full(buf) => f(buf, &ps.iter().map(|p| p.cloned()).collect::<Vec<_>>()),
+            Weights::Half(h) => {
+                let mut vals = Vec::with_capacity(ps.iter().flatten().map(|p| p.len()).sum());
+                let mut refs = Vec::with_capacity(ps.len());
+                for p in ps {
+                    refs.push(match p {
+                        Some(p) => {
+                            let offset = vals.len();
+                            h.widen_into(p, &mut vals)?;
+                            Some(ParamRef { offset, shape: p.shape.clone() })
+                        }
+                        None => None,
+                    });
+                }
+                f(&self.backend.upload(&vals), &refs)
+            }
+        }
     }
 }
 
@@ -707,15 +747,20 @@ impl<B: Backend> Exec for Eval<'_, B> {
     }
 
     fn param(&mut self, p: &ParamRef) -> Result<Value<B>> {
-        Ok(fwd::param(&self.backend, &self.params, p))
+        self.using(&[Some(p)], |buf, r| Ok(fwd::param(&self.backend, buf, r[0].as_ref().expect("given"))))
     }
 
     fn linear(&mut self, x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>, act: Activation) -> Result<Value<B>> {
-        Ok(fwd::linear(&self.backend, &self.params, x, w, b, act, false)?.0)
+        self.using(&[Some(w), b], |buf, r| {
+            Ok(fwd::linear(&self.backend, buf, x, r[0].as_ref().expect("given"), r[1].as_ref(), act, false)?.0)
+        })
     }
 
     fn layernorm(&mut self, x: &Value<B>, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<B>> {
-        Ok(fwd::layernorm(&self.backend, &self.params, x, w, b, eps, false)?.0)
+        self.using(&[Some(w), Some(b)], |buf, r| {
+            let (w, b) = (r[0].as_ref().expect("given"), r[1].as_ref().expect("given"));
+            Ok(fwd::layernorm(&self.backend, buf, x, w, b, eps, false)?.0)
+        })
     }
 
     fn attention(&mut self, qkv: &Value<B>, heads: usize) -> Result<Value<B>> {
@@ -768,11 +813,19 @@ impl<B: Backend> Exec for Eval<'_, B> {
 
     fn group_norm(&mut self, x: &Value<B>, groups: usize, w: &ParamRef, b: &ParamRef, eps: f32) -> Result<Value<B>> {
         let d = fwd::group_norm_dims(x, groups, w, b, eps)?;
-        Ok(fwd::group_norm(&self.backend, &self.params, x, w, b, d)?.0)
+        self.using(&[Some(w), Some(b)], |buf, r| {
+            let (w, b) = (r[0].as_ref().expect("given"), r[1].as_ref().expect("given"));
+            Ok(fwd::group_norm(&self.backend, buf, x, w, b, d)?.0)
+        })
     }
 
     fn batch_norm(&mut self, x: &Value<B>, bn: &BatchNorm) -> Result<Value<B>> {
-        fwd::batch_norm_eval(&self.backend, &self.params, x, bn)
+        let ps = [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var].map(Some);
+        self.using(&ps, |buf, r| {
+            let g = |i: usize| r[i].clone().expect("given");
+            let bn = BatchNorm { weight: g(0), bias: g(1), running_mean: g(2), running_var: g(3), ..bn.clone() };
+            fwd::batch_norm_eval(&self.backend, buf, x, &bn)
+        })
     }
 
     fn concat(&mut self, parts: &[&Value<B>], axis: usize) -> Result<Value<B>> {
@@ -788,7 +841,9 @@ impl<B: Backend> Exec for Eval<'_, B> {
         pad: usize,
     ) -> Result<Value<B>> {
         let d = fwd::conv_transpose2d_dims(x, w, stride, pad)?;
-        fwd::conv_transpose2d(&self.backend, &self.params, x, w, b, d)
+        self.using(&[Some(w), b], |buf, r| {
+            fwd::conv_transpose2d(&self.backend, buf, x, r[0].as_ref().expect("given"), r[1].as_ref(), d)
+        })
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {
@@ -804,7 +859,9 @@ impl<B: Backend> Exec for Eval<'_, B> {
         pad: usize,
     ) -> Result<Value<B>> {
         let d = fwd::conv2d_dims(x, w, stride, pad)?;
-        fwd::conv2d(&self.backend, &self.params, x, w, b, d)
+        self.using(&[Some(w), b], |buf, r| {
+            fwd::conv2d(&self.backend, buf, x, r[0].as_ref().expect("given"), r[1].as_ref(), d)
+        })
     }
 
     fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {

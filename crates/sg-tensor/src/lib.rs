@@ -27,5 +27,5 @@ pub use dtype::DType;
 pub use error::{Result, TensorError};
 pub use exec::{BatchNorm, Eval, Exec, Value};
 pub use kernels::Dst;
-pub use params::{ParamRef, ParamStore};
+pub use params::{HalfParams, ParamRef, ParamStore};
 pub use tensor::Tensor;

@@ -150,3 +150,77 @@ impl ParamStore {
         Ok(ParamRef { offset: first.offset, shape })
     }
 }
+
+/// A parameter store's values kept as f16 or bf16 (half the memory of the f32 store), laid out like
+/// the store so the same [`ParamRef`]s address them. An inference executor widens each parameter
+/// to f32 only while an op uses it ([`crate::exec::Eval::half`]).
+#[derive(Clone, Debug)]
+pub struct HalfParams {
+    data: HalfData,
+}
+
+#[derive(Clone, Debug)]
+enum HalfData {
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+}
+
+impl HalfParams {
+    /// `store`'s values rounded to `dtype` (F16 or BF16; round to nearest even).
+    pub fn from_store(store: &ParamStore, dtype: crate::DType) -> Result<Self> {
+        let src = store.data();
+        let data = match dtype {
+            crate::DType::F16 => {
+                let mut v = vec![half::f16::ZERO; src.len()];
+                crate::dtype::f32_to_f16(src, &mut v)?;
+                HalfData::F16(v)
+            }
+            crate::DType::BF16 => {
+                let mut v = vec![half::bf16::ZERO; src.len()];
+                crate::dtype::f32_to_bf16(src, &mut v)?;
+                HalfData::BF16(v)
+            }
+            crate::DType::F32 => {
+                return Err(TensorError::Arg { op: "HalfParams::from_store", msg: "F32 is not a half type".into() })
+            }
+        };
+        Ok(HalfParams { data })
+    }
+
+    pub fn dtype(&self) -> crate::DType {
+        match self.data {
+            HalfData::F16(_) => crate::DType::F16,
+            HalfData::BF16(_) => crate::DType::BF16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.data {
+            HalfData::F16(v) => v.len(),
+            HalfData::BF16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        2 * self.len()
+    }
+
+    /// Parameter `p`'s values widened to f32, appended to `out`.
+    pub fn widen_into(&self, p: &ParamRef, out: &mut Vec<f32>) -> Result<()> {
+        let r = p.range();
+        if r.end > self.len() {
+            return Err(TensorError::Index { op: "HalfParams::widen_into", index: r.end, len: self.len() });
+        }
+        let start = out.len();
+        out.resize(start + r.len(), 0.0);
+        match &self.data {
+            HalfData::F16(v) => crate::dtype::f16_to_f32(&v[r], &mut out[start..]),
+            HalfData::BF16(v) => crate::dtype::bf16_to_f32(&v[r], &mut out[start..]),
+        }
+    }
+}
