@@ -2,7 +2,8 @@
 //! times the PyTorch reference, printing, as the last line, one JSON object with the same fields
 //! (impl, task, size, img, bands, batch, threads, step_s, samples_per_s, peak_rss_mib).
 //! A pretrain step is forward + backward + AdamW at mask ratio 0.9; infer is a classifier forward
-//! with no tape. Inputs are random (speed does not depend on their values); the median over the
+//! with no tape. Both start from images, tokenisation timed, as the PyTorch script's patch
+//! embedding is. Inputs are random (speed does not depend on their values); the median over the
 //! timed steps is reported, after one untimed warm-up step.
 
 use std::time::Instant;
@@ -64,11 +65,12 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             let mut opt = AdamW::new(&store, weight_decay_groups(&store, 0.05, &[]), 0.9, 0.95, 1e-8)?;
             let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
             for s in 0..=steps {
-                let x: Vec<f32> = (0..batch * l * td).map(|_| rng.uniform() as f32).collect();
+                let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.uniform() as f32).collect();
                 let m = Masking::random(batch, l, 0.9, s as u64)?;
                 let t0 = Instant::now();
+                let tokens = model.encoder.tokens(&x, batch)?;
                 let mut tape = Tape::new(Cpu, &store);
-                let t = tape.constant(&x, &[batch, l, td])?;
+                let t = tape.constant(&tokens, &[batch, l, td])?;
                 let out = model.forward(&mut tape, &t, &m)?;
                 let grads = tape.backward(&out.loss)?;
                 opt.step(&mut store, &grads.buf, 1e-4)?;
@@ -88,10 +90,11 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             let model = Vit::new(cfg.clone(), &mut store, 0)?;
             let (l, td) = (cfg.tokens(), cfg.token_dim());
             for s in 0..=steps {
-                let x: Vec<f32> = (0..batch * l * td).map(|_| rng.normal() as f32).collect();
+                let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.normal() as f32).collect();
                 let t0 = Instant::now();
+                let tokens = model.tokens(&x, batch)?;
                 let mut e = Eval::new(Cpu, &store);
-                let t = e.constant(&x, &[batch, l, td])?;
+                let t = e.constant(&tokens, &[batch, l, td])?;
                 let logits = model.logits(&mut e, &t)?;
                 std::hint::black_box(&logits);
                 if s > 0 {

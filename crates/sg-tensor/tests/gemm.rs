@@ -81,6 +81,26 @@ proptest! {
 }
 
 #[test]
+fn gemm_crosses_every_cache_block_edge() {
+    // Past the packed kernel's blocks: m > 144 rows of A, k > 256 steps, n > 3072 columns of B,
+    // with ragged edges (not multiples of 6 or 16) in every layout and beta 0.5.
+    for (m, n, k) in [(151, 37, 520), (13, 3100, 300)] {
+        for (ta, tb) in [(Trans::N, Trans::N), (Trans::N, Trans::T), (Trans::T, Trans::N), (Trans::T, Trans::T)] {
+            let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
+            let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
+            let (a, b, c0) = (data(4, ar * ac, 1.0), data(5, br * bc, 1.0), data(6, m * n, 1.0));
+            let want = gemm::reference::gemm_f64(ta, tb, m, n, k, 0.75, &a, ac, &b, bc, 0.5, &c0, n);
+            on_every_isa(|isa| {
+                let mut c = c0.clone();
+                gemm(ta, tb, m, n, k, 0.75, &a, ac, &b, bc, 0.5, &mut c, n).unwrap();
+                let e = max_err(&c, &want) / (k as f64).sqrt();
+                assert!(e <= 1e-6, "{isa:?} {ta:?}{tb:?} {m}x{n}x{k} err {e}");
+            });
+        }
+    }
+}
+
+#[test]
 fn large_gemm_splits_over_threads_and_matches() {
     // Big enough to be split across the pool, in the three layouts of a Linear's passes.
     let (m, k, n) = (456, 200, 300);
