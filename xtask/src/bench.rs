@@ -17,7 +17,7 @@ use sg_tensor::{Eval, Exec, ParamStore, Result, TensorError};
 use sg_vit::config::{PosEmbed, VitConfig};
 use sg_vit::Vit;
 
-pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N]";
+pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N] [--profile]";
 
 /// Peak resident memory of this process in MiB (VmHWM), 0 where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
@@ -34,7 +34,12 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
     let (mut size, mut img, mut bands, mut batch, mut steps, mut threads) =
         ("base".to_string(), 96usize, 12usize, 8usize, 5usize, None);
     let mut it = args.iter();
+    let mut profile = false;
     while let Some(a) = it.next() {
+        if a == "--profile" {
+            profile = true;
+            continue;
+        }
         let v = it.next().ok_or_else(|| err(format!("{a} needs a value")))?;
         let n = || v.parse::<usize>().map_err(|_| err(format!("{a}: `{v}` is not a whole number")));
         match a.as_str() {
@@ -55,6 +60,7 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
     }
     let mut rng = Rng::new(0);
     let mut times = Vec::new();
+    let mut shares: Vec<(&str, f64, f64)> = Vec::new();
     match task {
         "pretrain" => {
             let mut cfg = MaeConfig::preset(&size, img)?;
@@ -69,11 +75,27 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
                 let m = Masking::random(batch, l, 0.9, s as u64)?;
                 let t0 = Instant::now();
                 let tokens = model.encoder.tokens(&x, batch)?;
+                let t_tok = t0.elapsed().as_secs_f64();
                 let mut tape = Tape::new(Cpu, &store);
+                if profile {
+                    tape = tape.profiled();
+                }
                 let t = tape.constant(&tokens, &[batch, l, td])?;
                 let out = model.forward(&mut tape, &t, &m)?;
-                let grads = tape.backward(&out.loss)?;
+                let mut grads = tape.backward(&out.loss)?;
+                let t1 = Instant::now();
                 opt.step(&mut store, &grads.buf, 1e-4)?;
+                let t_opt = t1.elapsed().as_secs_f64();
+                if let (Some(mut p), true) = (grads.profile.take(), s > 0) {
+                    p.add_other("tokenise", t_tok);
+                    p.add_other("optimiser (AdamW)", t_opt);
+                    for (f, a, b) in p.families {
+                        match shares.iter_mut().find(|x: &&mut (&str, f64, f64)| x.0 == f) {
+                            Some(x) => (x.1, x.2) = (x.1 + a, x.2 + b),
+                            None => shares.push((f, a, b)),
+                        }
+                    }
+                }
                 drop(grads);
                 if s > 0 {
                     times.push(t0.elapsed().as_secs_f64());
@@ -103,6 +125,23 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             }
         }
         other => return Err(err(format!("unknown benchmark `{other}`: pretrain or infer"))),
+    }
+    if !shares.is_empty() {
+        let total: f64 = times.iter().sum();
+        eprintln!("time per step by op family (forward / backward), over {} steps:", times.len());
+        shares.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+        let mut covered = 0.0;
+        for (f, a, b) in &shares {
+            covered += a + b;
+            eprintln!(
+                "  {f:30} {:5.1}%  {:7.3} s  ({:.3} / {:.3})",
+                100.0 * (a + b) / total,
+                (a + b) / times.len() as f64,
+                a / times.len() as f64,
+                b / times.len() as f64
+            );
+        }
+        eprintln!("  {:30} {:5.1}%", "other (setup, freeing)", 100.0 * (total - covered) / total);
     }
     times.sort_by(f64::total_cmp);
     let med = if times.is_empty() { f64::NAN } else { times[times.len() / 2] };

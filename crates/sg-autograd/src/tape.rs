@@ -195,12 +195,39 @@ pub struct Grads<B: Backend> {
     pub buf: B::Buf,
     /// Per store entry: whether its gradient has been written since the buffer was (re)started.
     written: Vec<bool>,
+    /// Seconds per op family, forward and backward, when the tape was profiling.
+    pub profile: Option<Profile>,
+}
+
+/// Wall time per op family of one taped step ([`Tape::profiled`]): where a training step goes.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// (family, forward seconds, backward seconds), in first-seen order.
+    pub families: Vec<(&'static str, f64, f64)>,
+    last: Option<std::time::Instant>,
+}
+
+impl Profile {
+    fn add(&mut self, family: &'static str, fwd: f64, bwd: f64) {
+        match self.families.iter_mut().find(|f| f.0 == family) {
+            Some(f) => {
+                f.1 += fwd;
+                f.2 += bwd;
+            }
+            None => self.families.push((family, fwd, bwd)),
+        }
+    }
+
+    /// Adds time spent outside the tape (the optimiser step, say) under `family`.
+    pub fn add_other(&mut self, family: &'static str, secs: f64) {
+        self.add(family, secs, 0.0);
+    }
 }
 
 impl<B: Backend> Grads<B> {
     /// An empty gradient for `store`: every entry's first write will overwrite.
     pub fn new(backend: &B, store: &ParamStore) -> Self {
-        Grads { buf: backend.zeros(store.len()), written: vec![false; store.entries().len()] }
+        Grads { buf: backend.zeros(store.len()), written: vec![false; store.entries().len()], profile: None }
     }
 
     /// Starts a new accumulation: the next writes overwrite (no zeroing pass).
@@ -228,6 +255,23 @@ pub struct Tape<'a, B: Backend> {
     draws: u64,
     /// BatchNorm running statistics computed by this step's forward, for the caller to store.
     running: Vec<(ParamRef, Vec<f32>)>,
+    prof: Option<Profile>,
+}
+
+impl<B: Backend> Op<B> {
+    /// The family an op's time is reported under.
+    fn family(&self) -> &'static str {
+        match self {
+            Op::Linear { .. } | Op::Conv2d { .. } | Op::ConvTranspose2d { .. } => "gemm (linear, conv)",
+            Op::Attention { .. } => "attention",
+            Op::LayerNorm { .. } | Op::GroupNorm { .. } => "norms",
+            Op::MaeLoss { .. }
+            | Op::CrossEntropy { .. }
+            | Op::MultiLabelSoftMargin { .. }
+            | Op::WeightedCrossEntropy { .. } => "losses",
+            _ => "elementwise, gather, reshape",
+        }
+    }
 }
 
 impl<'a, B: Backend> Tape<'a, B> {
@@ -242,7 +286,14 @@ impl<'a, B: Backend> Tape<'a, B> {
         let mut spans: Vec<(usize, usize, bool)> =
             store.entries().iter().map(|e| (e.param.offset, e.param.len(), e.trainable)).collect();
         spans.sort_unstable();
-        Tape { backend, store, params, nodes: Vec::new(), spans, seed: 0, draws: 0, running: Vec::new() }
+        Tape { backend, store, params, nodes: Vec::new(), spans, seed: 0, draws: 0, running: Vec::new(), prof: None }
+    }
+
+    /// Times every recorded op by family (forward: the time since the previous recorded op, which
+    /// takes in any unrecorded glue; backward: each op's backward), reported in [`Grads::profile`].
+    pub fn profiled(mut self) -> Self {
+        self.prof = Some(Profile { families: Vec::new(), last: Some(std::time::Instant::now()) });
+        self
     }
 
     /// Seeds dropout and drop path for this step (the default seed is 0).
@@ -334,6 +385,12 @@ impl<'a, B: Backend> Tape<'a, B> {
     }
 
     fn record(&mut self, op: Op<B>, mut v: Value<B>) -> Value<B> {
+        if let Some(p) = &mut self.prof {
+            let now = std::time::Instant::now();
+            let dt = p.last.map_or(0.0, |l| (now - l).as_secs_f64());
+            p.add(op.family(), dt, 0.0);
+            p.last = Some(now);
+        }
         v.node = Some(NodeId(self.nodes.len()));
         self.nodes.push(op);
         v
@@ -395,7 +452,15 @@ impl<'a, B: Backend> Tape<'a, B> {
             if dy.is_none() && !is_root {
                 continue;
             }
+            let (family, t0) = (op.family(), self.prof.is_some().then(std::time::Instant::now));
             self.backward_op(op, dy, &mut slots, grads)?;
+            if let (Some(p), Some(t0)) = (&mut self.prof, t0) {
+                p.add(family, 0.0, t0.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(mut p) = self.prof.take() {
+            p.last = None;
+            grads.profile = Some(p);
         }
         Ok(())
     }
