@@ -145,6 +145,7 @@ impl Mae3d {
     /// Registers every parameter, initialised from `seed`.
     pub fn new(cfg: MaeConfig, store: &mut ParamStore, seed: u64) -> Result<Self> {
         cfg.validate()?;
+        store.reserve(Self::param_count(&cfg));
         let encoder = Vit::new(cfg.encoder.clone(), store, seed)?;
         let mut rng = Rng::new(seed ^ 0x00DE_C0DE);
         let (d, dd) = (cfg.encoder.embed_dim, cfg.decoder_embed_dim);

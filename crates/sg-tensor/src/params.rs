@@ -53,6 +53,12 @@ impl ParamStore {
         Self::default()
     }
 
+    /// Room for `n` more scalars: a model that knows its size registers its parameters without
+    /// the buffer being copied as it grows (which would briefly hold it twice).
+    pub fn reserve(&mut self, n: usize) {
+        Arc::make_mut(&mut self.data).reserve_exact(n);
+    }
+
     /// Registers `name` with `shape`, filled with `values` (which must hold the shape's element count).
     pub fn add(&mut self, name: &str, shape: &[usize], values: Vec<f32>) -> Result<ParamRef> {
         let n = checked_numel("ParamStore::add", shape)?;

@@ -165,6 +165,7 @@ impl Vit {
     /// Registers every parameter in `store` under its original name, initialised from `seed`.
     pub fn new(cfg: VitConfig, store: &mut ParamStore, seed: u64) -> Result<Self> {
         cfg.validate()?;
+        store.reserve(Self::param_count(&cfg));
         let mut rng = Rng::new(seed);
         let (d, td) = (cfg.embed_dim, cfg.token_dim());
         let (u, p) = (cfg.t_patch_size, cfg.patch_size);
