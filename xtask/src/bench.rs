@@ -17,7 +17,7 @@ use sg_tensor::{Eval, Exec, ParamStore, Result, TensorError};
 use sg_vit::config::{PosEmbed, VitConfig};
 use sg_vit::Vit;
 
-pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N] [--profile]";
+pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N] [--profile] [--dtype f32|f16|bf16 (infer)]";
 
 /// Peak resident memory of this process in MiB (VmHWM), 0 where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
@@ -35,6 +35,7 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
         ("base".to_string(), 96usize, 12usize, 8usize, 5usize, None);
     let mut it = args.iter();
     let mut profile = false;
+    let mut dtype = sg_tensor::DType::F32;
     while let Some(a) = it.next() {
         if a == "--profile" {
             profile = true;
@@ -49,6 +50,14 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             "--batch" => batch = n()?,
             "--steps" => steps = n()?,
             "--threads" => threads = Some(n()?),
+            "--dtype" => {
+                dtype = match v.as_str() {
+                    "f32" => sg_tensor::DType::F32,
+                    "f16" => sg_tensor::DType::F16,
+                    "bf16" => sg_tensor::DType::BF16,
+                    o => return Err(err(format!("--dtype `{o}`: f32, f16 or bf16"))),
+                }
+            }
             other => return Err(err(format!("unknown option `{other}`"))),
         }
     }
@@ -110,12 +119,23 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             cfg.validate()?;
             let mut store = ParamStore::new();
             let model = Vit::new(cfg.clone(), &mut store, 0)?;
+            // Half-precision weights: only the f16 / bf16 copy stays.
+            let half = match dtype {
+                sg_tensor::DType::F32 => None,
+                d => Some(sg_tensor::HalfParams::from_store(&store, d)?),
+            };
+            if half.is_some() {
+                store = ParamStore::new();
+            }
             let (l, td) = (cfg.tokens(), cfg.token_dim());
             for s in 0..=steps {
                 let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.normal() as f32).collect();
                 let t0 = Instant::now();
                 let tokens = model.tokens(&x, batch)?;
-                let mut e = Eval::new(Cpu, &store);
+                let mut e = match &half {
+                    Some(h) => Eval::half(Cpu, h),
+                    None => Eval::new(Cpu, &store),
+                };
                 let t = e.constant(&tokens, &[batch, l, td])?;
                 let logits = model.logits(&mut e, &t)?;
                 std::hint::black_box(&logits);
@@ -146,7 +166,12 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
     times.sort_by(f64::total_cmp);
     let med = if times.is_empty() { f64::NAN } else { times[times.len() / 2] };
     Ok(serde_json::json!({
-        "impl": format!("spectralgpt-rs-{}-{}", env!("CARGO_PKG_VERSION"), sg_tensor::simd::isa().name()),
+        "impl": format!(
+            "spectralgpt-rs-{}-{}{}",
+            env!("CARGO_PKG_VERSION"),
+            sg_tensor::simd::isa().name(),
+            if dtype == sg_tensor::DType::F32 { String::new() } else { format!("-{dtype:?}").to_lowercase() }
+        ),
         "task": task, "size": size, "img": img, "bands": bands, "batch": batch,
         "threads": sg_tensor::par::threads(), "step_s": (med * 1e4).round() / 1e4,
         "samples_per_s": (batch as f64 / med * 1e3).round() / 1e3,
