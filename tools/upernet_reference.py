@@ -1,5 +1,5 @@
-"""Writes fixtures/parity/upernet_tiny.safetensors: a PyTorch float64 forward and backward of the
-segmentation head (spectral merge, branches, UPerNet) on fixed encoder features, for
+"""Writes fixtures/parity/upernet_tiny.safetensors: a PyTorch float64 forward and backward (stored
+as float32) of the segmentation head (spectral merge, branches, UPerNet) on fixed encoder features, for
 crates/sg-heads/tests/upernet_parity.rs. PyTorch is needed only to regenerate the fixture:
 
     ~/.cache/sg-torch-venv/bin/python tools/upernet_reference.py
@@ -90,5 +90,5 @@ for n, p in model.named_parameters():
     out["grad." + n] = p.grad
 meta = {"config": json.dumps({"batch": N, "t": T, "grid": [H, W], "embed_dim": D, "channels": C, "fpn": FP,
                               "classes": CLASSES}), "torch": torch.__version__}
-save_file({k: v.contiguous() for k, v in out.items()}, "fixtures/parity/upernet_tiny.safetensors", metadata=meta)
+save_file({k: v.float().contiguous() for k, v in out.items()}, "fixtures/parity/upernet_tiny.safetensors", metadata=meta)
 print("wrote fixtures/parity/upernet_tiny.safetensors:", len(out), "tensors, loss", loss.item())
