@@ -27,7 +27,8 @@ use sg_vit::VitConfig;
 
 pub const USAGE: &str = "cargo xtask finetune --task segmentation|change [--data DIR] [--init PRETRAIN_DIR]
     [--epochs N] [--steps-per-epoch N] [--batch N] [--img PX] [--blr X] [--config tiny|base|...]
-    [--norm group|batch] [--classes N] [--val-fraction F] [--eval-every EPOCHS] [--seed N] [--out DIR]
+    [--norm group|batch] [--classes N] [--val-fraction F] [--eval-every EPOCHS] [--class-weights W0,W1,..]
+    [--seed N] [--out DIR]
 cargo xtask eval --task segmentation|change --checkpoint DIR --data DIR [--split val|all] [--maps DIR] [--json]";
 
 /// The label that does not count.
@@ -523,9 +524,20 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
         warmup_steps: (total / 10).max(1),
         total_steps: total,
     };
-    let weights = match task {
-        DenseTask::Change => class_weights(&scenes, &train, classes),
-        DenseTask::Segmentation => Vec::new(),
+    let weights = match kv.get("class-weights") {
+        Some(v) => {
+            let w: Vec<f32> = v
+                .split(',')
+                .map(|x| x.trim().parse::<f32>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| arg_err(format!("--class-weights `{v}`: {classes} comma-separated numbers")))?;
+            if w.len() != classes || w.iter().any(|x| !(x.is_finite() && *x >= 0.0)) || w.iter().all(|&x| x == 0.0) {
+                return Err(arg_err(format!("--class-weights `{v}`: {classes} non-negative numbers, not all 0")));
+            }
+            w
+        }
+        None if task == DenseTask::Change => class_weights(&scenes, &train, classes),
+        None => Vec::new(),
     };
     let mut step = 0u64;
     let (mut history, mut last) = (Vec::new(), serde_json::Value::Null);
@@ -601,7 +613,7 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
             &HashMap::from([("task".to_string(), task.name().to_string())]),
         )?;
     }
-    let report = serde_json::json!({"task": task.name(), "train_regions": train.len(), "val_regions": val.len(),
+    let report = serde_json::json!({"task": task.name(), "train_regions": train.len(), "val_regions": val.len(), "class_weights": weights,
         "steps": step, "init": kv.get("init"), "final": last, "history": history});
     sg_tensor::io::write_atomic(
         out.join("metrics.json"),

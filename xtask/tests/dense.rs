@@ -119,6 +119,8 @@ fn bad_dense_options_are_errors() {
     assert!(run(&["--img", "40"]).contains("6x6"));
     assert!(run(&["--val-fraction", "0.95"]).contains("smaller than"));
     assert!(run(&["--norm", "layer"]).contains("group or batch"));
+    assert!(run(&["--class-weights", "1,x"]).contains("class-weights"));
+    assert!(run(&["--class-weights", "1,2,3"]).contains("2 non-negative numbers"));
     assert!(run(&["--data", "/nonexistent/floods"]).contains("/nonexistent/floods"));
     assert!(eval(&args(&["--task", "change", "--data", "x"])).unwrap_err().to_string().contains("--checkpoint"));
 }

@@ -120,9 +120,10 @@ impl SendPtr {
 /// faults and page clearing again (4 base pretraining steps: 1.94 M page faults before, 0.70 M
 /// after, 15% less CPU time; peak RSS grows by the reused blocks, 2083 -> 2449 MiB).
 /// Binaries call this once at start; a library never changes process-wide settings by itself.
+/// `SG_MALLOC=system` leaves the allocator's defaults alone (lower peak memory, slower steps).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    if std::env::var("SG_MALLOC").map_or(true, |v| v != "system") {
         extern "C" {
             fn mallopt(param: i32, value: i32) -> i32;
         }

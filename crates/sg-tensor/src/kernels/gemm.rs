@@ -10,15 +10,6 @@ use crate::error::{check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
 use crate::simd::{isa, Isa};
 
-use super::packed;
-
-/// `matrixmultiply`'s kernel, or our packed 6 x 16 one with `SG_GEMM=packed` (read once): kept
-/// side by side until benchmarks on a quiet machine pick one.
-fn use_packed() -> bool {
-    static CHOICE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| std::env::var("SG_GEMM").is_ok_and(|v| v == "packed"))
-}
-
 /// Whether an operand is used as stored (`N`) or transposed (`T`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trans {
@@ -124,8 +115,6 @@ pub(crate) fn gemm_epilogue(
             let (bm, bn) = (blk.r1 - blk.r0, blk.c1 - blk.c0);
             if scalar {
                 reference::gemm_raw(bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc as isize);
-            } else if use_packed() {
-                crate::dispatch!(isa(), packed::sgemm[](bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc));
             } else {
                 matrixmultiply::sgemm(bm, k, bn, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc as isize, 1);
             }

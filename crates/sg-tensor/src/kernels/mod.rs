@@ -16,7 +16,6 @@ pub mod gemm;
 pub mod layernorm;
 pub mod linear;
 pub mod math;
-mod packed;
 pub mod reduce;
 pub mod softmax;
 mod tile;

@@ -7,11 +7,11 @@
 use crate::simd::Simd;
 
 /// Rows of C per micro-kernel call.
-pub(crate) const MR: usize = 6;
+const MR: usize = 6;
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
+unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
     k: usize,
     alpha: f32,
     a: *const f32,
