@@ -464,6 +464,7 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
         "seed",
         "out",
         "eval-every",
+        "class-weights",
     ];
     if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(arg_err(format!("unknown option --{k}\n{USAGE}")));
