@@ -124,3 +124,82 @@ fn bad_dense_options_are_errors() {
     assert!(run(&["--data", "/nonexistent/floods"]).contains("/nonexistent/floods"));
     assert!(eval(&args(&["--task", "change", "--data", "x"])).unwrap_err().to_string().contains("--checkpoint"));
 }
+
+/// 13 bands of u16 per pixel, interleaved (a SegMunich-style image).
+struct Bands13;
+impl tiff::encoder::colortype::ColorType for Bands13 {
+    type Inner = u16;
+    const TIFF_VALUE: tiff::tags::PhotometricInterpretation = tiff::tags::PhotometricInterpretation::BlackIsZero;
+    const BITS_PER_SAMPLE: &'static [u16] = &[16; 13];
+    const SAMPLE_FORMAT: &'static [tiff::tags::SampleFormat] = &[tiff::tags::SampleFormat::Uint; 13];
+    fn horizontal_predict(_: &[u16], _: &mut Vec<u16>) {
+        unreachable!("written without prediction")
+    }
+}
+
+#[test]
+fn image_and_mask_folders_segment_with_many_classes() {
+    // Three 13-band scenes cut from the real Sen1Floods11 chip, with 13-class masks made from its
+    // water label (water 7, dry 3, no data 255), in the img/ + label/ layout.
+    let dir = tmp("pairs");
+    for sub in ["img", "label"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let f = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/sen1floods11/S2/Spain_7370579_S2Hand.tif");
+    let img = sg_data::raster::read_tiff(&f).unwrap();
+    let lab = sg_data::raster::read_tiff(f.to_str().unwrap().replace("S2/", "Labels/").replace("S2Hand", "LabelHand"))
+        .unwrap();
+    let (s, w) = (72usize, img.width);
+    for (k, top) in [0usize, 150, 300].into_iter().enumerate() {
+        let mut px = vec![0u16; s * s * 13];
+        let mut mask = vec![0u8; s * s];
+        for y in 0..s {
+            for x in 0..s {
+                let at = (top + y) * w + x;
+                for b in 0..13 {
+                    px[(y * s + x) * 13 + b] = img.data[b * img.height * w + at].clamp(0.0, 65535.0) as u16;
+                }
+                mask[y * s + x] = match lab.data[at] as i32 {
+                    1 => 7,
+                    0 => 3,
+                    _ => 255,
+                };
+            }
+        }
+        let name = format!("scene{k}.tif");
+        let mut enc =
+            tiff::encoder::TiffEncoder::new(std::fs::File::create(dir.join("img").join(&name)).unwrap()).unwrap();
+        enc.write_image::<Bands13>(s as u32, s as u32, &px).unwrap();
+        let mut enc =
+            tiff::encoder::TiffEncoder::new(std::fs::File::create(dir.join("label").join(&name)).unwrap()).unwrap();
+        enc.write_image::<tiff::encoder::colortype::Gray8>(s as u32, s as u32, &mask).unwrap();
+    }
+    let out = tmp("pairs-out");
+    let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
+    let m = finetune(&args(&[
+        "--task",
+        "segmentation",
+        "--data",
+        d,
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--batch",
+        "2",
+        "--img",
+        "64",
+        "--out",
+        o,
+    ]))
+    .unwrap();
+    // Thirteen classes by default; the held-out third scene is one map.
+    assert_eq!(m["per_class_iou"].as_array().unwrap().len(), 13);
+    assert_eq!(pngs(&out.join("maps")).len(), 1);
+    let e = eval(&args(&["--task", "segmentation", "--checkpoint", o, "--data", d, "--json"])).unwrap();
+    assert_eq!(e["miou"], m["miou"]);
+    // A label outside the classes is an error naming the file.
+    let bad = finetune(&args(&["--task", "segmentation", "--data", d, "--classes", "5", "--epochs", "1", "--out", o]));
+    let msg = bad.unwrap_err().to_string();
+    assert!(msg.contains("label 7") && msg.contains("scene0.tif"), "{msg}");
+}
