@@ -28,7 +28,7 @@ use sg_vit::VitConfig;
 pub const USAGE: &str = "cargo xtask finetune --task segmentation|change [--data DIR] [--init PRETRAIN_DIR]
     [--epochs N] [--steps-per-epoch N] [--batch N] [--img PX] [--blr X] [--config tiny|base|...]
     [--norm group|batch] [--classes N] [--val-fraction F] [--eval-every EPOCHS] [--class-weights W0,W1,..]
-    [--seed N] [--out DIR]
+    [--pos-embed pretrained|joined] [--seed N] [--out DIR]
 cargo xtask eval --task segmentation|change --checkpoint DIR --data DIR [--split val|all] [--maps DIR] [--json]";
 
 /// The label that does not count.
@@ -465,6 +465,7 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
         "out",
         "eval-every",
         "class-weights",
+        "pos-embed",
     ];
     if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(arg_err(format!("unknown option --{k}\n{USAGE}")));
@@ -499,6 +500,13 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
     };
     enc.img_size = (img, img);
     enc.num_classes = 0;
+    // The pretrained spatial + spectral pair (interpolated to the new grid), or the original's
+    // fresh joined embedding.
+    enc.pos_embed = match kv.get("pos-embed").map(String::as_str) {
+        None | Some("pretrained") => sg_vit::PosEmbed::Separate,
+        Some("joined") => sg_vit::PosEmbed::Joined,
+        Some(o) => return Err(arg_err(format!("--pos-embed `{o}`: pretrained or joined"))),
+    };
     enc.drop_path = 0.1;
     let mut cfg = DenseConfig::new(enc, classes);
     cfg.norm = match kv.get("norm").map(String::as_str) {

@@ -86,6 +86,8 @@ fn change_detection_with_batch_norm_finetunes_and_evaluates() {
         "64",
         "--norm",
         "batch",
+        "--pos-embed",
+        "joined",
         "--out",
         o,
     ]))
@@ -95,8 +97,10 @@ fn change_detection_with_batch_norm_finetunes_and_evaluates() {
     for k in ["precision", "recall", "f1"] {
         assert!((0.0..=1.0).contains(&m[k].as_f64().unwrap()), "{k}: {m}");
     }
-    // BatchNorm's running statistics moved and were saved with the weights.
+    // BatchNorm's running statistics moved and were saved with the weights; the position
+    // embedding is the original's joined one.
     let f = sg_tensor::io::SafetensorsFile::open(out.join("checkpoint.safetensors")).unwrap();
+    assert!(f.contains("pos_embed") && !f.contains("pos_embed_spatial"));
     let (_, rm) = f.f32("conv0.1.running_mean").unwrap();
     assert!(rm.iter().any(|&v| v != 0.0));
     assert_eq!(pngs(&out.join("maps")).len(), 1);
@@ -120,6 +124,7 @@ fn bad_dense_options_are_errors() {
     assert!(run(&["--val-fraction", "0.95"]).contains("smaller than"));
     assert!(run(&["--norm", "layer"]).contains("group or batch"));
     assert!(run(&["--class-weights", "1,x"]).contains("class-weights"));
+    assert!(run(&["--pos-embed", "sinusoidal"]).contains("pretrained or joined"));
     assert!(run(&["--class-weights", "1,2,3"]).contains("2 non-negative numbers"));
     assert!(run(&["--data", "/nonexistent/floods"]).contains("/nonexistent/floods"));
     assert!(eval(&args(&["--task", "change", "--data", "x"])).unwrap_err().to_string().contains("--checkpoint"));
