@@ -79,6 +79,7 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             let model = Mae3d::new(cfg.clone(), &mut store, 0)?;
             let mut opt = AdamW::new(&store, weight_decay_groups(&store, 0.05, &[]), 0.9, 0.95, 1e-8)?;
             let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
+            let mut grads = sg_autograd::Grads::new(&Cpu, &store);
             for s in 0..=steps {
                 let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.uniform() as f32).collect();
                 let m = Masking::random(batch, l, 0.9, s as u64)?;
@@ -91,7 +92,10 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
                 }
                 let t = tape.constant(&tokens, &[batch, l, td])?;
                 let out = model.forward(&mut tape, &t, &m)?;
-                let mut grads = tape.backward(&out.loss)?;
+                // One gradient buffer for all steps, as a training loop keeps it.
+                grads.restart();
+                tape.backward_into(&out.loss, &mut grads)?;
+                grads.zero_unwritten(&Cpu, &store)?;
                 let t1 = Instant::now();
                 opt.step(&mut store, &grads.buf, 1e-4)?;
                 let t_opt = t1.elapsed().as_secs_f64();
@@ -105,7 +109,6 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
                         }
                     }
                 }
-                drop(grads);
                 if s > 0 {
                     times.push(t0.elapsed().as_secs_f64());
                 }

@@ -239,6 +239,21 @@ impl<B: Backend> Grads<B> {
     pub fn written(&self) -> &[bool] {
         &self.written
     }
+
+    /// Zeros the gradient of every entry that received none since [`Grads::restart`], so a buffer
+    /// reused across steps (no 4-bytes-per-parameter allocation each step) never hands an
+    /// optimiser last step's values.
+    pub fn zero_unwritten(&mut self, backend: &B, store: &ParamStore) -> Result<()> {
+        for (e, w) in store.entries().iter().zip(&mut self.written) {
+            if !*w {
+                let range = e.param.range();
+                let zeros = backend.zeros(range.len());
+                backend.accumulate(SliceMut { buf: &mut self.buf, range, dst: Dst::Overwrite }, &zeros)?;
+                *w = true;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The training executor: see the module documentation.
