@@ -800,3 +800,27 @@ fn spectral_angle_worked_values() {
     let v = run(&s, [1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]);
     assert!((v - std::f64::consts::FRAC_PI_4).abs() < 1e-7, "{v}");
 }
+
+#[test]
+fn a_reused_gradient_buffer_never_keeps_stale_values() {
+    let (c, r) = Check::new(&[("a", vec![2, 3]), ("b", vec![2, 3])], 5);
+    let mut grads = sg_autograd::Grads::new(&Cpu, &c.store);
+    for use_b in [true, false] {
+        grads.restart();
+        let mut t = Tape::new(Cpu, &c.store);
+        let a = t.param(&r[0]).unwrap();
+        let x = if use_b {
+            let b = t.param(&r[1]).unwrap();
+            t.add(&a, &b).unwrap()
+        } else {
+            a
+        };
+        let l = probe(&mut t, &x, 9).unwrap();
+        t.backward_into(&l, &mut grads).unwrap();
+        assert_eq!(grads.written(), [true, use_b]);
+        grads.zero_unwritten(&Cpu, &c.store).unwrap();
+        assert_eq!(grads.written(), [true, true]);
+        let gb = &grads.buf[r[1].range()];
+        assert_eq!(gb.iter().all(|&v| v == 0.0), !use_b, "b's gradient {gb:?} (used: {use_b})");
+    }
+}
