@@ -127,6 +127,7 @@ fn bad_dense_options_are_errors() {
     assert!(run(&["--pos-embed", "sinusoidal"]).contains("pretrained or joined"));
     assert!(run(&["--class-weights", "1,2,3"]).contains("2 non-negative numbers"));
     assert!(run(&["--data", "/nonexistent/floods"]).contains("/nonexistent/floods"));
+    assert!(run(&["--data", "../fixtures/oscd"]).contains("img/ and label/"));
     assert!(eval(&args(&["--task", "change", "--data", "x"])).unwrap_err().to_string().contains("--checkpoint"));
 }
 
