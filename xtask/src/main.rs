@@ -2,6 +2,9 @@
 //!
 //! - `pretrain [OPTIONS]`: masked-autoencoder pretraining (defaults: tiny model, bundled real data).
 //! - `reconstruct --checkpoint C --input PATH --out PNG`: a pretrained model's reconstruction.
+//! - `finetune --task eurosat|bigearthnet|segmentation|change ...` and `eval --task ...`: the
+//!   paper's four downstream tasks (`finetune.rs` for classification, `dense.rs` for the rest).
+//! - `bench pretrain|infer [--profile] [--dtype ..]`: the model timed like the PyTorch baseline.
 //! - `parity FIXTURE.safetensors...`: reproduce PyTorch reference dumps (forward and gradients);
 //!   exits non-zero if any tensor is outside its tolerance.
 //! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
