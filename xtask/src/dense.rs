@@ -174,10 +174,12 @@ pub fn load_scenes(task: DenseTask, dir: &Path, classes: Option<usize>) -> Resul
             }
             (v, 2)
         }
-        DenseTask::Segmentation if !dir.join("img").is_dir() => return Err(arg_err(format!(
+        DenseTask::Segmentation if !dir.join("img").is_dir() => {
+            return Err(arg_err(format!(
             "{}: segmentation data is a Sen1Floods11 folder (S2/ and Labels/) or image + mask pairs (img/ and label/)",
             dir.display()
-        ))),
+        )))
+        }
         DenseTask::Segmentation => {
             let k = classes.unwrap_or(13);
             (pairs(dir, k)?, k)

@@ -3,7 +3,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::{conv_src, split_two, Backend, Conv2dDims, Grad, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut};
+use super::{
+    conv_src, split_two, Backend, Conv2dDims, Grad, GroupNormDims, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut,
+};
 use crate::error::{check_len, Result, TensorError};
 use crate::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
 use crate::kernels::gemm::{gemm, Trans};
@@ -351,6 +353,95 @@ impl Backend for Cpu {
         let (d, mode) = slot("relu_backward", dx, y.len())?;
         for (i, (&y, &g)) in y.iter().zip(dy.iter()).enumerate() {
             put(d, i, if y > 0.0 { g } else { 0.0 }, mode);
+        }
+        Ok(())
+    }
+
+    // GroupNorm in f32 with f64 sums, in place of the shared f64 loop: it runs on the dense
+    // heads' largest maps (the finest pyramid level at image resolution).
+    fn group_norm(
+        &self,
+        x: &Buf,
+        w: Slice<Self>,
+        b: Slice<Self>,
+        d: GroupNormDims,
+    ) -> Result<(Buf, Vec<f64>, Vec<f64>)> {
+        let (w, b) = (sl(&w), sl(&b));
+        d.check("group_norm", x.len(), w.len(), b.len())?;
+        let (m, cg) = (d.group_len(), d.channels / d.groups);
+        let mut y = vec![0f32; x.len()];
+        let (mut mean, mut rstd) = (Vec::with_capacity(d.batch * d.groups), Vec::with_capacity(d.batch * d.groups));
+        for (gi, (xs, ys)) in x.chunks_exact(m).zip(y.chunks_exact_mut(m)).enumerate() {
+            let mu = xs.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
+            let var = xs.iter().map(|&v| (v as f64 - mu) * (v as f64 - mu)).sum::<f64>() / m as f64;
+            let r = 1.0 / (var + d.eps).sqrt();
+            let c0 = gi % d.groups * cg;
+            for (c, (xc, yc)) in xs.chunks_exact(d.spatial).zip(ys.chunks_exact_mut(d.spatial)).enumerate() {
+                // Centred before scaling, in f64: a group with a large mean and a small spread
+                // would lose its digits in `x * (r w) + (b - mu r w)`.
+                let (scale, bc) = (r * w[c0 + c] as f64, b[c0 + c] as f64);
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = ((v as f64 - mu) * scale + bc) as f32;
+                }
+            }
+            mean.push(mu);
+            rstd.push(r);
+        }
+        Ok((Arc::new(y), mean, rstd))
+    }
+
+    fn group_norm_backward(
+        &self,
+        x: &Buf,
+        w: Slice<Self>,
+        (mean, rstd): (&[f64], &[f64]),
+        dy: &Buf,
+        d: GroupNormDims,
+        dx: Option<&mut Grad<Self>>,
+        pg: Option<ParamGrads<Self>>,
+    ) -> Result<()> {
+        let op = "group_norm_backward";
+        let w = sl(&w);
+        d.check(op, x.len(), w.len(), w.len())?;
+        check_len(op, "dy", dy.len(), x.len())?;
+        check_len(op, "mean", mean.len(), d.batch * d.groups)?;
+        check_len(op, "rstd", rstd.len(), d.batch * d.groups)?;
+        let (m, cg) = (d.group_len(), d.channels / d.groups);
+        let (mut dw, mut db) = (vec![0f64; d.channels], vec![0f64; d.channels]);
+        let mut gx = dx.is_some().then(|| vec![0f32; x.len()]);
+        for gi in 0..d.batch * d.groups {
+            let (mu, r, c0) = (mean[gi], rstd[gi], gi % d.groups * cg);
+            let (xs, gs) = (&x[gi * m..(gi + 1) * m], &dy[gi * m..(gi + 1) * m]);
+            // dxhat = dy w; dx = r (dxhat - mean(dxhat) - xhat mean(dxhat xhat)).
+            let (mut s1, mut s2) = (0f64, 0f64);
+            for c in 0..cg {
+                let (mut sg, mut sgx) = (0f64, 0f64);
+                for k in c * d.spatial..(c + 1) * d.spatial {
+                    let g = gs[k] as f64;
+                    sg += g;
+                    sgx += g * (xs[k] as f64 - mu) * r;
+                }
+                let wc = w[c0 + c] as f64;
+                (s1, s2) = (s1 + sg * wc, s2 + sgx * wc);
+                dw[c0 + c] += sgx;
+                db[c0 + c] += sg;
+            }
+            if let Some(gx) = &mut gx {
+                let (s1, s2) = (s1 / m as f64, s2 / m as f64);
+                for c in 0..cg {
+                    let wc = w[c0 + c] as f64;
+                    for k in c * d.spatial..(c + 1) * d.spatial {
+                        let xh = (xs[k] as f64 - mu) * r;
+                        gx[gi * m + k] = (r * (gs[k] as f64 * wc - s1 - xh * s2)) as f32;
+                    }
+                }
+            }
+        }
+        if let (Some(slot), Some(gx)) = (dx, gx) {
+            self.accumulate_grad(slot, &Arc::new(gx))?;
+        }
+        if let Some(pg) = pg {
+            self.write_param_grads(pg, &dw, &db)?;
         }
         Ok(())
     }

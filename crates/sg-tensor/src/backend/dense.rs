@@ -200,7 +200,7 @@ pub struct GroupNormDims {
 }
 
 impl GroupNormDims {
-    fn check(&self, op: &'static str, x: usize, w: usize, b: usize) -> Result<()> {
+    pub(crate) fn check(&self, op: &'static str, x: usize, w: usize, b: usize) -> Result<()> {
         if self.groups == 0 || self.channels % self.groups != 0 {
             return Err(TensorError::Shape {
                 op,
@@ -213,7 +213,7 @@ impl GroupNormDims {
     }
 
     /// Values per normalised group.
-    fn group_len(&self) -> usize {
+    pub(crate) fn group_len(&self) -> usize {
         self.channels / self.groups * self.spatial
     }
 }
