@@ -494,6 +494,8 @@ fn train_stage(
     let lr0 = o.blr * o.batch as f64 / 256.0;
     let sched = CosineSchedule { base_lr: lr0, min_lr: 0.0, warmup_steps: warmup, total_steps: total };
     let config_json = cfg.to_json().to_string();
+    // One gradient buffer for the whole stage: no 4-bytes-per-parameter allocation per step.
+    let mut grads = sg_autograd::Grads::new(&Cpu, store);
     let log_path = o.out.join("log.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -531,10 +533,11 @@ fn train_stage(
                     ),
                 });
             }
-            let grads = tape.backward(&out.loss)?;
+            grads.restart();
+            tape.backward_into(&out.loss, &mut grads)?;
+            grads.zero_unwritten(&Cpu, store)?;
             let lr = sched.lr(step);
             opt.step(store, &grads.buf, lr)?;
-            drop(grads);
             step += 1;
             if summary.first_loss.is_nan() {
                 summary.first_loss = out.parts.loss;
