@@ -357,6 +357,32 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    // Bilinear resizing straight on f32 (the shared loop converts whole maps to f64 and back).
+    fn upsample_bilinear(
+        &self,
+        x: &Buf,
+        planes: usize,
+        (h, w): (usize, usize),
+        (oh, ow): (usize, usize),
+        align_corners: bool,
+    ) -> Result<Buf> {
+        check_len("upsample_bilinear", "x", x.len(), planes * h * w)?;
+        let (ty, tx) = (super::bilinear_taps(h, oh, align_corners), super::bilinear_taps(w, ow, align_corners));
+        let mut out = Vec::with_capacity(planes * oh * ow);
+        for p in x.chunks_exact(h * w) {
+            for &(y0, y1, ly) in &ty {
+                let (r0, r1, ly) = (&p[y0 * w..(y0 + 1) * w], &p[y1 * w..(y1 + 1) * w], ly as f32);
+                for &(x0, x1, lx) in &tx {
+                    let lx = lx as f32;
+                    let top = r0[x0] * (1.0 - lx) + r0[x1] * lx;
+                    let bot = r1[x0] * (1.0 - lx) + r1[x1] * lx;
+                    out.push(top * (1.0 - ly) + bot * ly);
+                }
+            }
+        }
+        Ok(Arc::new(out))
+    }
+
     // GroupNorm in f32 with f64 sums, in place of the shared f64 loop: it runs on the dense
     // heads' largest maps (the finest pyramid level at image resolution).
     fn group_norm(

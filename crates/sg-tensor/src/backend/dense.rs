@@ -11,7 +11,7 @@ use crate::error::{check_len, Result, TensorError};
 /// The two source taps and the weight of the second for each of `out` positions resized from `len`.
 /// PyTorch's `align_corners=False` samples at `(i + 0.5) * len / out - 0.5` (clamped at 0);
 /// `align_corners=True` maps the corner pixels onto each other: `i * (len - 1) / (out - 1)`.
-fn bilinear_taps(len: usize, out: usize, align_corners: bool) -> Vec<(usize, usize, f64)> {
+pub(crate) fn bilinear_taps(len: usize, out: usize, align_corners: bool) -> Vec<(usize, usize, f64)> {
     (0..out)
         .map(|i| {
             let src = if align_corners {
