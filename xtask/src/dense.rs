@@ -58,22 +58,29 @@ impl DenseTask {
             DenseTask::Change => "change",
         }
     }
-    /// Input bands of a sample: one image, or both dates stacked.
-    fn bands(self) -> usize {
-        match self {
-            DenseTask::Segmentation => 12,
-            DenseTask::Change => 24,
-        }
-    }
 }
 
-/// One normalised scene: `bands x h x w` (a change pair stacks both dates) and its labels.
+/// One normalised scene: `bands x h x w` (a change pair stacks both dates) with its labels as
+/// the mask, built once so that windows are cropped from it without copying the scene.
 pub struct Scene {
     pub name: String,
-    pub height: usize,
-    pub width: usize,
-    pub img: Vec<f32>,
+    pub sample: Sample,
     pub labels: Vec<usize>,
+}
+
+impl Scene {
+    fn new(name: String, img: Vec<f32>, bands: usize, height: usize, width: usize, labels: Vec<usize>) -> Result<Self> {
+        let mask = labels.iter().map(|&l| l as f32).collect();
+        Ok(Scene { name, sample: Sample::new(img, bands, height, width, Some(mask))?, labels })
+    }
+
+    pub fn height(&self) -> usize {
+        self.sample.height
+    }
+
+    pub fn width(&self) -> usize {
+        self.sample.width
+    }
 }
 
 fn to_labels(v: &[f32], classes: usize, path: &str) -> Result<Vec<usize>> {
@@ -138,7 +145,7 @@ fn pairs(dir: &Path, classes: usize) -> Result<Vec<Scene>> {
             });
         }
         let labels = to_labels(&lab.data, classes, &lp.display().to_string())?;
-        out.push(Scene { name: n, height: img.height, width: img.width, img: normalised(data, 12)?, labels });
+        out.push(Scene::new(n, normalised(data, 12)?, 12, img.height, img.width, labels)?);
     }
     Ok(out)
 }
@@ -154,7 +161,7 @@ pub fn load_scenes(task: DenseTask, dir: &Path, classes: Option<usize>) -> Resul
                 let mut img = normalised(c.before, 12)?;
                 img.extend(normalised(c.after, 12)?);
                 let labels = c.change.iter().map(|&v| v as usize).collect();
-                v.push(Scene { name: c.city, height: c.height, width: c.width, img, labels });
+                v.push(Scene::new(c.city, img, 24, c.height, c.width, labels)?);
             }
             (v, 2)
         }
@@ -164,13 +171,7 @@ pub fn load_scenes(task: DenseTask, dir: &Path, classes: Option<usize>) -> Resul
             for i in 0..ds.len() {
                 let c = ds.load(i)?;
                 let labels = to_labels(&c.labels, 2, &ds.chips[i])?;
-                v.push(Scene {
-                    name: ds.chips[i].clone(),
-                    height: c.height,
-                    width: c.width,
-                    img: normalised(c.img, 12)?,
-                    labels,
-                });
+                v.push(Scene::new(ds.chips[i].clone(), normalised(c.img, 12)?, 12, c.height, c.width, labels)?);
             }
             (v, 2)
         }
@@ -205,7 +206,7 @@ pub fn split(scenes: &[Scene], val_fraction: f64, img: usize) -> Result<(Vec<Reg
     if scenes.len() >= 3 {
         let nv = ((scenes.len() as f64 * val_fraction).round() as usize).clamp(1, scenes.len() - 1);
         for (i, s) in scenes.iter().enumerate() {
-            let r = Region { scene: i, rows: 0..s.height };
+            let r = Region { scene: i, rows: 0..s.height() };
             if i >= scenes.len() - nv {
                 val.push(r)
             } else {
@@ -214,35 +215,23 @@ pub fn split(scenes: &[Scene], val_fraction: f64, img: usize) -> Result<(Vec<Reg
         }
     } else {
         for (i, s) in scenes.iter().enumerate() {
-            let cut = s.height - (s.height as f64 * val_fraction).round() as usize;
+            let cut = s.height() - (s.height() as f64 * val_fraction).round() as usize;
             train.push(Region { scene: i, rows: 0..cut });
-            val.push(Region { scene: i, rows: cut..s.height });
+            val.push(Region { scene: i, rows: cut..s.height() });
         }
     }
     for r in train.iter().chain(&val) {
         let s = &scenes[r.scene];
-        if r.rows.len() < img || s.width < img {
+        if r.rows.len() < img || s.width() < img {
             return Err(arg_err(format!(
                 "{}: a region of {}x{} pixels is smaller than the {img}-pixel window (use a smaller --img or --val-fraction)",
                 s.name,
                 r.rows.len(),
-                s.width
+                s.width()
             )));
         }
     }
     Ok((train, val))
-}
-
-/// A window of a scene as a sample with its labels in the mask.
-fn window(task: DenseTask, s: &Scene, top: usize, left: usize, size: usize) -> Result<Sample> {
-    let full = Sample::new(
-        s.img.clone(),
-        task.bands(),
-        s.height,
-        s.width,
-        Some(s.labels.iter().map(|&l| l as f32).collect()),
-    )?;
-    full.crop(top, left, size, size)
 }
 
 /// Tokens of samples: one image each, or (change) the two dates as two token batches.
@@ -298,14 +287,14 @@ pub fn predict_region(
         }
         v
     };
-    let (rh, w) = (r.rows.len(), s.width);
+    let (rh, w) = (r.rows.len(), s.width());
     let mut prob = vec![0f32; c * rh * w];
     let mut count = vec![0f32; rh * w];
     let wins: Vec<(usize, usize)> =
         starts(rh).into_iter().flat_map(|y| starts(w).into_iter().map(move |x| (y, x))).collect();
     for chunk in wins.chunks(4) {
         let samples =
-            chunk.iter().map(|&(y, x)| window(task, s, r.rows.start + y, x, size)).collect::<Result<Vec<_>>>()?;
+            chunk.iter().map(|&(y, x)| s.sample.crop(r.rows.start + y, x, size, size)).collect::<Result<Vec<_>>>()?;
         let t = tokens(task, model, &samples)?;
         let mut e = Eval::new(Cpu, store);
         let z = logits(&mut e, task, model, &t, samples.len())?;
@@ -388,14 +377,14 @@ pub fn evaluate(
     for r in regions {
         let s = &scenes[r.scene];
         let pred = predict_region(task, model, store, s, r)?;
-        let target = &s.labels[r.rows.start * s.width..r.rows.end * s.width];
+        let target = &s.labels[r.rows.start * s.width()..r.rows.end * s.width()];
         m.update(&pred, target, IGNORE)?;
         pixels += target.iter().filter(|&&t| t != IGNORE).count();
         if let Some(dir) = maps {
             std::fs::create_dir_all(dir)
                 .map_err(|e| TensorError::Io { path: dir.display().to_string(), msg: e.to_string() })?;
             let name = format!("{}-rows{}-{}.png", s.name.trim_end_matches(".tif"), r.rows.start, r.rows.end);
-            write_map(&dir.join(name), task, target, &pred, r.rows.len(), s.width)?;
+            write_map(&dir.join(name), task, target, &pred, r.rows.len(), s.width())?;
         }
     }
     let iou: Vec<serde_json::Value> =
@@ -434,7 +423,7 @@ fn class_weights(scenes: &[Scene], regions: &[Region], classes: usize) -> Vec<f3
     let mut n = vec![1u64; classes];
     for r in regions {
         let s = &scenes[r.scene];
-        for &l in &s.labels[r.rows.start * s.width..r.rows.end * s.width] {
+        for &l in &s.labels[r.rows.start * s.width()..r.rows.end * s.width()] {
             if l < classes {
                 n[l] += 1;
             }
@@ -530,7 +519,7 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
     let mut groups = weight_decay_groups(&store, 0.05, &["pos_embed", "pos_embed_spatial", "pos_embed_temporal"]);
     apply_layer_decay(&store, &mut groups, cfg.encoder.depth, 0.75);
     let mut opt = AdamW::new(&store, groups, 0.9, 0.999, 1e-8)?;
-    let area: usize = train.iter().map(|r| r.rows.len() * scenes[r.scene].width).sum();
+    let area: usize = train.iter().map(|r| r.rows.len() * scenes[r.scene].width()).sum();
     let per_epoch = num("steps-per-epoch", (area / (img * img * batch)).max(1) as f64)?.max(1.0) as u64;
     let total = epochs * per_epoch;
     let sched = CosineSchedule {
@@ -568,7 +557,7 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
                 let r = train
                     .iter()
                     .find(|r| {
-                        let a = r.rows.len() * scenes[r.scene].width;
+                        let a = r.rows.len() * scenes[r.scene].width();
                         if pick < a {
                             true
                         } else {
@@ -579,8 +568,8 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
                     .unwrap_or(&train[0]);
                 let s = &scenes[r.scene];
                 let top = r.rows.start + rng.below(r.rows.len() - img + 1);
-                let left = rng.below(s.width - img + 1);
-                let mut x = window(task, s, top, left, img)?;
+                let left = rng.below(s.width() - img + 1);
+                let mut x = s.sample.crop(top, left, img, img)?;
                 if rng.uniform() < 0.5 {
                     x = x.hflip();
                 }
@@ -661,7 +650,7 @@ pub fn eval(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
         None | Some("val") => {
             split(&scenes, kv.get("val-fraction").and_then(|v| v.parse().ok()).unwrap_or(0.3), img)?.1
         }
-        Some("all") => (0..scenes.len()).map(|i| Region { scene: i, rows: 0..scenes[i].height }).collect(),
+        Some("all") => (0..scenes.len()).map(|i| Region { scene: i, rows: 0..scenes[i].height() }).collect(),
         Some(o) => return Err(arg_err(format!("--split `{o}`: val or all"))),
     };
     let maps = kv.get("maps").map(PathBuf::from);
