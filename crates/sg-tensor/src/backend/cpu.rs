@@ -524,27 +524,10 @@ impl Backend for Cpu {
             // A fresh slot is zeroed, so col2im adds into it in either mode.
             let (dxs, _) = slot(op, g, d.batch * chw)?;
             for n in 0..d.batch {
-                let dyn_ = &dy[n * d.cout * p..(n + 1) * d.cout * p];
-                if pointwise(&d) {
-                    // No folding: dx_n += W^T dy_n straight into the gradient.
-                    gemm(
-                        Trans::T,
-                        Trans::N,
-                        k,
-                        p,
-                        d.cout,
-                        1.0,
-                        sl(&w),
-                        k,
-                        dyn_,
-                        p,
-                        1.0,
-                        &mut dxs[n * chw..(n + 1) * chw],
-                        p,
-                    )?;
-                    continue;
-                }
-                // dcols = W^T dy_n, folded back (col2im) into dx.
+                let dimg = &mut dxs[n * chw..(n + 1) * chw];
+                // dcols = W^T dy_n: added straight into dx for a pointwise kernel (nothing to
+                // fold), else into cols and folded back (col2im) below.
+                let (dst, beta) = if pointwise(&d) { (&mut *dimg, 1.0) } else { (&mut cols[..], 0.0) };
                 gemm(
                     Trans::T,
                     Trans::N,
@@ -556,11 +539,13 @@ impl Backend for Cpu {
                     k,
                     &dy[n * d.cout * p..(n + 1) * d.cout * p],
                     p,
-                    0.0,
-                    &mut cols,
+                    beta,
+                    dst,
                     p,
                 )?;
-                let dimg = &mut dxs[n * chw..(n + 1) * chw];
+                if pointwise(&d) {
+                    continue;
+                }
                 for r in 0..k {
                     for i in 0..ho {
                         for j in 0..wo {
