@@ -729,7 +729,7 @@ impl<'a, B: Backend> Eval<'a, B> {
                         None => None,
                     });
                 }
-                f(&self.backend.upload(&vals), &refs)
+                f(&self.backend.upload_vec(vals), &refs)
             }
         }
     }

@@ -114,6 +114,10 @@ impl Backend for Cpu {
         Arc::new(x.to_vec())
     }
 
+    fn upload_vec(&self, x: Vec<f32>) -> Buf {
+        Arc::new(x)
+    }
+
     fn upload_params(&self, store: &crate::params::ParamStore) -> Buf {
         store.shared().clone()
     }

@@ -162,6 +162,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
     fn upload(&self, x: &[f32]) -> Self::Buf;
+    /// Like [`Backend::upload`], taking the values by value (a host backend keeps them, no copy).
+    fn upload_vec(&self, x: Vec<f32>) -> Self::Buf {
+        self.upload(&x)
+    }
     /// The parameters of `store` as one buffer (the CPU backend shares the store's storage).
     fn upload_params(&self, store: &crate::params::ParamStore) -> Self::Buf {
         self.upload(store.data())
