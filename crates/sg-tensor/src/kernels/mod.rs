@@ -17,6 +17,7 @@ pub mod layernorm;
 pub mod linear;
 pub mod math;
 pub mod reduce;
+pub(crate) mod sgemm;
 pub mod softmax;
 mod tile;
 

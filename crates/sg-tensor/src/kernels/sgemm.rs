@@ -1,0 +1,436 @@
+//! Our own packed single-threaded SGEMM for AVX2+FMA: `C = alpha * op(A) op(B) + beta * C` for any
+//! strides (so every transpose layout), GotoBLAS blocking around a 6 x 16 register micro-kernel.
+//!
+//! - B is packed `KC x NC` at a time in 16-column panels (row `p` of a panel is 16 contiguous
+//!   values), A `MC x KC` at a time in 6-row panels (step `p` holds the panel's 6 values of column
+//!   `p`); both zero-padded at the edges, so the micro-kernel never branches on shape.
+//! - The micro-kernel's k loop is inline assembly: twelve accumulators, two loads of B, six
+//!   broadcasts of A and twelve FMAs per step, unrolled by four. Written as intrinsics the compiler
+//!   kept the same shape but lost about 15% to address arithmetic and a loop-carried spill; the
+//!   assembly pins the schedule (the BLIS Haswell/Zen kernel's) so the FMA ports stay busy.
+//! - Each element of C is summed over k in the same blocks whatever the caller's split, so results
+//!   do not depend on the thread count.
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use imp::sgemm;
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::cell::RefCell;
+
+    const MR: usize = 6;
+    const NR: usize = 16;
+    /// k-block: a `KC x 16` panel of B (16 KiB) stays in L1 while a block of A streams past it.
+    const KC: usize = 256;
+    /// Rows of A per block: `MC x KC` (120 KiB) stays in L2.
+    const MC: usize = 120;
+    /// Columns of B per block: `KC x NC` (3 MiB) lives in L3.
+    const NC: usize = 3072;
+
+    thread_local! {
+        /// Packing buffers, reused across calls on each thread.
+        static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA. The pointers with their strides must address valid
+    /// `m x k`, `k x n` and `m x n` (row stride `ldc`) matrices, and C must not overlap A or B.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn sgemm(
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        rsa: isize,
+        csa: isize,
+        b: *const f32,
+        rsb: isize,
+        csb: isize,
+        beta: f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 || alpha == 0.0 || (beta != 0.0 && beta != 1.0) {
+            scale_c(m, n, beta, c, ldc);
+            if k == 0 || alpha == 0.0 {
+                return;
+            }
+        }
+        // The buffers leave the thread-local while in use: a closure would not inherit this
+        // function's `target_feature`, and every intrinsic in it would become a call.
+        let (mut pa, mut pb) = PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        let need_a = MC.div_ceil(MR) * MR * KC;
+        let need_b = NC.min(n.div_ceil(NR) * NR) * KC.min(k);
+        if pa.len() < need_a {
+            pa.resize(need_a, 0.0);
+        }
+        if pb.len() < need_b {
+            pb.resize(need_b, 0.0);
+        }
+        let mut jc = 0;
+        while jc < n {
+            let ncb = NC.min(n - jc);
+            let mut pc = 0;
+            while pc < k {
+                let kcb = KC.min(k - pc);
+                // The first k-block writes C (or adds to it when beta is not 0); later ones add.
+                let accumulate = pc > 0 || beta != 0.0;
+                pack_b(kcb, ncb, b.offset(pc as isize * rsb + jc as isize * csb), rsb, csb, pb.as_mut_ptr());
+                let mut ic = 0;
+                while ic < m {
+                    let mcb = MC.min(m - ic);
+                    pack_a(mcb, kcb, a.offset(ic as isize * rsa + pc as isize * csa), rsa, csa, pa.as_mut_ptr());
+                    let mut jr = 0;
+                    while jr < ncb {
+                        let cols = NR.min(ncb - jr);
+                        let bp = pb.as_ptr().add(jr * kcb);
+                        let mut ir = 0;
+                        while ir < mcb {
+                            let rows = MR.min(mcb - ir);
+                            let ap = pa.as_ptr().add(ir * kcb);
+                            let cp = c.add((ic + ir) * ldc + jc + jr);
+                            micro(kcb, ap, bp, alpha, cp, ldc, rows, cols, accumulate);
+                            ir += MR;
+                        }
+                        jr += NR;
+                    }
+                    ic += MC;
+                }
+                pc += KC;
+            }
+            jc += NC;
+        }
+        PACK.with(|p| *p.borrow_mut() = (pa, pb));
+    }
+
+    /// `C *= beta` (`beta == 0` clears, so NaN in a fresh buffer does not survive).
+    unsafe fn scale_c(m: usize, n: usize, beta: f32, c: *mut f32, ldc: usize) {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+            if beta == 0.0 {
+                row.fill(0.0);
+            } else if beta != 1.0 {
+                row.iter_mut().for_each(|v| *v *= beta);
+            }
+        }
+    }
+
+    /// One step of the k loop at byte offsets `$ao` into the A panel and `$bo` into the B panel.
+    macro_rules! step {
+        ($ao0:literal, $ao1:literal, $ao2:literal, $ao3:literal, $ao4:literal, $ao5:literal, $bo0:literal, $bo1:literal) => {
+            concat!(
+                "vmovups ymm12, [{b} + ",
+                $bo0,
+                "]\n",
+                "vmovups ymm13, [{b} + ",
+                $bo1,
+                "]\n",
+                "vbroadcastss ymm14, [{a} + ",
+                $ao0,
+                "]\n",
+                "vfmadd231ps ymm0, ymm14, ymm12\n",
+                "vfmadd231ps ymm1, ymm14, ymm13\n",
+                "vbroadcastss ymm15, [{a} + ",
+                $ao1,
+                "]\n",
+                "vfmadd231ps ymm2, ymm15, ymm12\n",
+                "vfmadd231ps ymm3, ymm15, ymm13\n",
+                "vbroadcastss ymm14, [{a} + ",
+                $ao2,
+                "]\n",
+                "vfmadd231ps ymm4, ymm14, ymm12\n",
+                "vfmadd231ps ymm5, ymm14, ymm13\n",
+                "vbroadcastss ymm15, [{a} + ",
+                $ao3,
+                "]\n",
+                "vfmadd231ps ymm6, ymm15, ymm12\n",
+                "vfmadd231ps ymm7, ymm15, ymm13\n",
+                "vbroadcastss ymm14, [{a} + ",
+                $ao4,
+                "]\n",
+                "vfmadd231ps ymm8, ymm14, ymm12\n",
+                "vfmadd231ps ymm9, ymm14, ymm13\n",
+                "vbroadcastss ymm15, [{a} + ",
+                $ao5,
+                "]\n",
+                "vfmadd231ps ymm10, ymm15, ymm12\n",
+                "vfmadd231ps ymm11, ymm15, ymm13\n",
+            )
+        };
+    }
+
+    /// The 6 x 16 block of `A_panel (6 x k) * B_panel (k x 16)` in twelve registers, row `r` in
+    /// `(acc[2r], acc[2r + 1])`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn product(k: usize, a: *const f32, b: *const f32) -> [__m256; 12] {
+        let (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11): (
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+            __m256,
+        );
+        asm!(
+            "vxorps ymm0, ymm0, ymm0",
+            "vxorps ymm1, ymm1, ymm1",
+            "vxorps ymm2, ymm2, ymm2",
+            "vxorps ymm3, ymm3, ymm3",
+            "vxorps ymm4, ymm4, ymm4",
+            "vxorps ymm5, ymm5, ymm5",
+            "vxorps ymm6, ymm6, ymm6",
+            "vxorps ymm7, ymm7, ymm7",
+            "vxorps ymm8, ymm8, ymm8",
+            "vxorps ymm9, ymm9, ymm9",
+            "vxorps ymm10, ymm10, ymm10",
+            "vxorps ymm11, ymm11, ymm11",
+            // Four steps per trip while at least four remain.
+            "cmp {k4}, 0",
+            "je 3f",
+            "2:",
+            step!(0, 4, 8, 12, 16, 20, 0, 32),
+            step!(24, 28, 32, 36, 40, 44, 64, 96),
+            step!(48, 52, 56, 60, 64, 68, 128, 160),
+            step!(72, 76, 80, 84, 88, 92, 192, 224),
+            "add {a}, 96",
+            "add {b}, 256",
+            "dec {k4}",
+            "jnz 2b",
+            "3:",
+            "cmp {k1}, 0",
+            "je 5f",
+            "4:",
+            step!(0, 4, 8, 12, 16, 20, 0, 32),
+            "add {a}, 24",
+            "add {b}, 64",
+            "dec {k1}",
+            "jnz 4b",
+            "5:",
+            a = inout(reg) a => _,
+            b = inout(reg) b => _,
+            k4 = inout(reg) k / 4 => _,
+            k1 = inout(reg) k % 4 => _,
+            out("ymm0") c0,
+            out("ymm1") c1,
+            out("ymm2") c2,
+            out("ymm3") c3,
+            out("ymm4") c4,
+            out("ymm5") c5,
+            out("ymm6") c6,
+            out("ymm7") c7,
+            out("ymm8") c8,
+            out("ymm9") c9,
+            out("ymm10") c10,
+            out("ymm11") c11,
+            out("ymm12") _,
+            out("ymm13") _,
+            out("ymm14") _,
+            out("ymm15") _,
+            options(readonly, nostack),
+        );
+        [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11]
+    }
+
+    /// `C[rows x cols] (=|+=) alpha * A_panel B_panel` for one 6 x 16 tile (smaller at the edges).
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn micro(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        alpha: f32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        // C's tile is needed only after the k loop: start fetching its lines now (a miss to memory
+        // at the end of every tile cost 15% before this).
+        for r in 0..rows {
+            let p = c.add(r * ldc) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.add(60));
+        }
+        let acc = product(k, a, b);
+        let va = _mm256_set1_ps(alpha);
+        if rows == MR && cols == NR {
+            for r in 0..MR {
+                let p = c.add(r * ldc);
+                let (x0, x1) = (acc[2 * r], acc[2 * r + 1]);
+                if accumulate {
+                    _mm256_storeu_ps(p, _mm256_fmadd_ps(x0, va, _mm256_loadu_ps(p)));
+                    _mm256_storeu_ps(p.add(8), _mm256_fmadd_ps(x1, va, _mm256_loadu_ps(p.add(8))));
+                } else {
+                    _mm256_storeu_ps(p, _mm256_mul_ps(x0, va));
+                    _mm256_storeu_ps(p.add(8), _mm256_mul_ps(x1, va));
+                }
+            }
+        } else {
+            // A ragged edge: the padded tile goes through a buffer; only its valid part reaches C.
+            let mut tile = [0f32; MR * NR];
+            for (r, pair) in acc.chunks_exact(2).enumerate() {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), _mm256_mul_ps(pair[0], va));
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), _mm256_mul_ps(pair[1], va));
+            }
+            for r in 0..rows {
+                let p = c.add(r * ldc);
+                for j in 0..cols {
+                    let v = tile[r * NR + j];
+                    *p.add(j) = if accumulate { *p.add(j) + v } else { v };
+                }
+            }
+        }
+    }
+
+    /// An `mc x kc` block of A as 6-row panels, each k-major (6 values per step), zero-padded.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, dst: *mut f32) {
+        let mut i0 = 0;
+        while i0 < mc {
+            let rows = MR.min(mc - i0);
+            let panel = dst.add(i0 * kc);
+            let src = a.offset(i0 as isize * rsa);
+            if rsa == 1 && rows == MR {
+                // op(A) is a transposed matrix: each step's six values are contiguous.
+                for p in 0..kc {
+                    let s = src.offset(p as isize * csa);
+                    let d = panel.add(p * MR);
+                    _mm_storeu_ps(d, _mm_loadu_ps(s));
+                    *d.add(4) = *s.add(4);
+                    *d.add(5) = *s.add(5);
+                }
+            } else if csa == 1 && rows == MR {
+                // Rows contiguous in k: eight steps at a time, a 6 x 8 transpose through registers.
+                let mut p = 0;
+                while p + 8 <= kc {
+                    // Rows 6 and 7 of the 8 x 8 transpose are padding (no closures here: they would
+                    // not inherit the caller's target_feature).
+                    let z = _mm256_setzero_ps();
+                    let mut r = [z; 8];
+                    for (i, v) in r.iter_mut().take(MR).enumerate() {
+                        *v = _mm256_loadu_ps(src.offset(i as isize * rsa).add(p));
+                    }
+                    let t = transpose8(r);
+                    let mut buf = [0f32; 8];
+                    for (q, v) in t.iter().enumerate() {
+                        _mm256_storeu_ps(buf.as_mut_ptr(), *v);
+                        std::ptr::copy_nonoverlapping(buf.as_ptr(), panel.add((p + q) * MR), MR);
+                    }
+                    p += 8;
+                }
+                for p in p..kc {
+                    for i in 0..MR {
+                        *panel.add(p * MR + i) = *src.offset(i as isize * rsa + p as isize);
+                    }
+                }
+            } else {
+                for p in 0..kc {
+                    let d = panel.add(p * MR);
+                    for i in 0..MR {
+                        *d.add(i) = if i < rows { *src.offset(i as isize * rsa + p as isize * csa) } else { 0.0 };
+                    }
+                }
+            }
+            i0 += MR;
+        }
+    }
+
+    /// A `kc x nc` block of B as 16-column panels, each row-major (16 values per step), zero-padded.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, dst: *mut f32) {
+        let mut j0 = 0;
+        while j0 < nc {
+            let cols = NR.min(nc - j0);
+            let panel = dst.add(j0 * kc);
+            let src = b.offset(j0 as isize * csb);
+            if csb == 1 && cols == NR {
+                for p in 0..kc {
+                    let s = src.offset(p as isize * rsb);
+                    let d = panel.add(p * NR);
+                    _mm256_storeu_ps(d, _mm256_loadu_ps(s));
+                    _mm256_storeu_ps(d.add(8), _mm256_loadu_ps(s.add(8)));
+                }
+            } else if rsb == 1 && cols == NR {
+                // op(B) is a transposed matrix (a Linear weight): 8 x 8 blocks through registers.
+                let mut p = 0;
+                while p + 8 <= kc {
+                    for h in 0..2 {
+                        let s = src.offset((8 * h) as isize * csb).add(p);
+                        let mut v = [_mm256_setzero_ps(); 8];
+                        for (j, x) in v.iter_mut().enumerate() {
+                            *x = _mm256_loadu_ps(s.offset(j as isize * csb));
+                        }
+                        let t = transpose8(v);
+                        for (q, x) in t.iter().enumerate() {
+                            _mm256_storeu_ps(panel.add((p + q) * NR + 8 * h), *x);
+                        }
+                    }
+                    p += 8;
+                }
+                for p in p..kc {
+                    for j in 0..NR {
+                        *panel.add(p * NR + j) = *src.offset(j as isize * csb + p as isize);
+                    }
+                }
+            } else {
+                for p in 0..kc {
+                    let d = panel.add(p * NR);
+                    for j in 0..NR {
+                        *d.add(j) = if j < cols { *src.offset(p as isize * rsb + j as isize * csb) } else { 0.0 };
+                    }
+                }
+            }
+            j0 += NR;
+        }
+    }
+
+    /// Transpose of an 8 x 8 block held as eight rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+}
