@@ -98,6 +98,9 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
                 grads.zero_unwritten(&Cpu, &store)?;
                 let t1 = Instant::now();
                 opt.step(&mut store, &grads.buf, 1e-4)?;
+                if sg_tensor::par::lean_memory() {
+                    grads.release(&Cpu);
+                }
                 let t_opt = t1.elapsed().as_secs_f64();
                 if let (Some(mut p), true) = (grads.profile.take(), s > 0) {
                     p.add_other("tokenise", t_tok);

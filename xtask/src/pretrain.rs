@@ -538,6 +538,9 @@ fn train_stage(
             grads.zero_unwritten(&Cpu, store)?;
             let lr = sched.lr(step);
             opt.step(store, &grads.buf, lr)?;
+            if sg_tensor::par::lean_memory() {
+                grads.release(&Cpu);
+            }
             step += 1;
             if summary.first_loss.is_nan() {
                 summary.first_loss = out.parts.loss;

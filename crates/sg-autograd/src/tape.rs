@@ -255,6 +255,13 @@ impl<B: Backend> Grads<B> {
         self.written.iter_mut().for_each(|w| *w = false);
     }
 
+    /// Frees the buffer (after the optimiser step, say): the next backward allocates a fresh one,
+    /// whose pages become resident only as gradients are written, while that backward frees the
+    /// activations. Lowers the peak memory of a training step by up to the gradient's size.
+    pub fn release(&mut self, backend: &B) {
+        self.buf = backend.zeros(0);
+    }
+
     /// Whether each entry of the store has received a gradient.
     pub fn written(&self) -> &[bool] {
         &self.written
@@ -477,6 +484,11 @@ impl<'a, B: Backend> Tape<'a, B> {
                 op: "backward",
                 msg: "gradients laid out for another parameter store".into(),
             });
+        }
+        if self.backend.buf_len(&grads.buf) == 0 && !self.store.is_empty() {
+            // Released after the last step: start afresh (everything unwritten).
+            grads.buf = self.backend.zeros(self.store.len());
+            grads.restart();
         }
         let mut slots: Vec<Grad<B>> = (0..=root).map(|_| None).collect();
         for i in (0..=root).rev() {

@@ -572,6 +572,22 @@ fn frozen_parameters_get_no_gradient_and_record_nothing() {
 }
 
 #[test]
+fn a_released_gradient_buffer_is_rebuilt_by_the_next_backward() {
+    let (c, g) = block(11, 1, 3, 4, 2);
+    let (want, _) = c.grads(Cpu, &g);
+    let mut grads = sg_autograd::Grads::new(&Cpu, &c.store);
+    for _ in 0..2 {
+        grads.restart();
+        grads.release(&Cpu);
+        assert_eq!(Cpu.buf_len(&grads.buf), 0);
+        let mut t = Tape::new(Cpu, &c.store);
+        let l = g.build(&mut t).unwrap();
+        t.backward_into(&l, &mut grads).unwrap();
+        assert_eq!(Cpu.download(&grads.buf), want);
+    }
+}
+
+#[test]
 fn gradient_accumulation_over_micro_batches_adds_up() {
     let (c, g) = block(11, 1, 3, 4, 2);
     let (one, _) = c.grads(Cpu, &g);
