@@ -34,9 +34,16 @@ fn kernel() -> Kernel {
         Isa::Scalar => Kernel::Scalar,
         Isa::Portable => Kernel::MatrixMultiply,
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma if std::env::var("SG_GEMM").as_deref() != Ok("mm") => Kernel::Packed,
+        Isa::Avx2Fma if !matrixmultiply_requested() => Kernel::Packed,
         Isa::Avx2Fma => Kernel::MatrixMultiply,
     }
+}
+
+/// `SG_GEMM=mm`: use `matrixmultiply` on AVX2 too (read once per process).
+#[cfg(target_arch = "x86_64")]
+fn matrixmultiply_requested() -> bool {
+    static MM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *MM.get_or_init(|| std::env::var("SG_GEMM").as_deref() == Ok("mm"))
 }
 
 /// Below this many multiply-adds a split costs more than it saves.
