@@ -5,9 +5,11 @@
 //!   values), A `MC x KC` at a time in 6-row panels (step `p` holds the panel's 6 values of column
 //!   `p`); both zero-padded at the edges, so the micro-kernel never branches on shape.
 //! - The micro-kernel's k loop is inline assembly: twelve accumulators, two loads of B, six
-//!   broadcasts of A and twelve FMAs per step, unrolled by four. Written as intrinsics the compiler
-//!   kept the same shape but lost about 15% to address arithmetic and a loop-carried spill; the
-//!   assembly pins the schedule (the BLIS Haswell/Zen kernel's) so the FMA ports stay busy.
+//!   broadcasts of A and twelve FMAs per step, unrolled by four, so its schedule (the shape of the
+//!   BLIS Haswell/Zen kernel) does not depend on the compiler. Alone, in cache, it runs at 97-98
+//!   GFLOP/s on the project machine (peak about 100).
+//! - C's tile is prefetched before the k loop: without it every tile's first touch missed to
+//!   memory at the end of the loop (about 15% of the whole product).
 //! - Each element of C is summed over k in the same blocks whatever the caller's split, so results
 //!   do not depend on the thread count.
 
