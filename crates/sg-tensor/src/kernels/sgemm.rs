@@ -84,11 +84,12 @@ mod imp {
                 let kcb = KC.min(k - pc);
                 // The first k-block writes C (or adds to it when beta is not 0); later ones add.
                 let accumulate = pc > 0 || beta != 0.0;
-                pack_b(kcb, ncb, b.offset(pc as isize * rsb + jc as isize * csb), rsb, csb, pb.as_mut_ptr());
+                pack::<NR>(kcb, ncb, b.offset(pc as isize * rsb + jc as isize * csb), rsb, csb, pb.as_mut_ptr());
                 let mut ic = 0;
                 while ic < m {
                     let mcb = MC.min(m - ic);
-                    pack_a(mcb, kcb, a.offset(ic as isize * rsa + pc as isize * csa), rsa, csa, pa.as_mut_ptr());
+                    // A's block goes in transposed: its columns become the packed operand's steps.
+                    pack::<MR>(kcb, mcb, a.offset(ic as isize * rsa + pc as isize * csa), csa, rsa, pa.as_mut_ptr());
                     let mut jr = 0;
                     while jr < ncb {
                         let cols = NR.min(ncb - jr);
@@ -300,107 +301,66 @@ mod imp {
         }
     }
 
-    /// An `mc x kc` block of A as 6-row panels, each k-major (6 values per step), zero-padded.
+    /// Packs a `k x cols` operand whose element `(p, j)` is at `src + p * rs + j * cs` into
+    /// `W`-column panels: panel `j0 / W` holds, step by step, the `W` values `(p, j0..j0 + W)`
+    /// contiguously, zero-padded past `cols`. B is packed as stored (`W = NR`), a block of A as its
+    /// transpose (`W = MR`: each step holds one column of a 6-row panel).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn pack_a(mc: usize, kc: usize, a: *const f32, rsa: isize, csa: isize, dst: *mut f32) {
-        let mut i0 = 0;
-        while i0 < mc {
-            let rows = MR.min(mc - i0);
-            let panel = dst.add(i0 * kc);
-            let src = a.offset(i0 as isize * rsa);
-            if rsa == 1 && rows == MR {
-                // op(A) is a transposed matrix: each step's six values are contiguous.
-                for p in 0..kc {
-                    let s = src.offset(p as isize * csa);
-                    let d = panel.add(p * MR);
-                    _mm_storeu_ps(d, _mm_loadu_ps(s));
-                    *d.add(4) = *s.add(4);
-                    *d.add(5) = *s.add(5);
-                }
-            } else if csa == 1 && rows == MR {
-                // Rows contiguous in k: eight steps at a time, a 6 x 8 transpose through registers.
-                let mut p = 0;
-                while p + 8 <= kc {
-                    // Rows 6 and 7 of the 8 x 8 transpose are padding (no closures here: they would
-                    // not inherit the caller's target_feature).
-                    let z = _mm256_setzero_ps();
-                    let mut r = [z; 8];
-                    for (i, v) in r.iter_mut().take(MR).enumerate() {
-                        *v = _mm256_loadu_ps(src.offset(i as isize * rsa).add(p));
-                    }
-                    let t = transpose8(r);
-                    let mut buf = [0f32; 8];
-                    for (q, v) in t.iter().enumerate() {
-                        _mm256_storeu_ps(buf.as_mut_ptr(), *v);
-                        std::ptr::copy_nonoverlapping(buf.as_ptr(), panel.add((p + q) * MR), MR);
-                    }
-                    p += 8;
-                }
-                for p in p..kc {
-                    for i in 0..MR {
-                        *panel.add(p * MR + i) = *src.offset(i as isize * rsa + p as isize);
-                    }
-                }
-            } else {
-                for p in 0..kc {
-                    let d = panel.add(p * MR);
-                    for i in 0..MR {
-                        *d.add(i) = if i < rows { *src.offset(i as isize * rsa + p as isize * csa) } else { 0.0 };
-                    }
-                }
-            }
-            i0 += MR;
-        }
-    }
-
-    /// A `kc x nc` block of B as 16-column panels, each row-major (16 values per step), zero-padded.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn pack_b(kc: usize, nc: usize, b: *const f32, rsb: isize, csb: isize, dst: *mut f32) {
+    unsafe fn pack<const W: usize>(k: usize, cols: usize, src: *const f32, rs: isize, cs: isize, dst: *mut f32) {
         let mut j0 = 0;
-        while j0 < nc {
-            let cols = NR.min(nc - j0);
-            let panel = dst.add(j0 * kc);
-            let src = b.offset(j0 as isize * csb);
-            if csb == 1 && cols == NR {
-                for p in 0..kc {
-                    let s = src.offset(p as isize * rsb);
-                    let d = panel.add(p * NR);
-                    _mm256_storeu_ps(d, _mm256_loadu_ps(s));
-                    _mm256_storeu_ps(d.add(8), _mm256_loadu_ps(s.add(8)));
+        while j0 < cols {
+            let w = W.min(cols - j0);
+            let panel = dst.add(j0 * k);
+            let src = src.offset(j0 as isize * cs);
+            if cs == 1 && w == W {
+                // Each step's values are contiguous.
+                for p in 0..k {
+                    std::ptr::copy_nonoverlapping(src.offset(p as isize * rs), panel.add(p * W), W);
                 }
-            } else if rsb == 1 && cols == NR {
-                // op(B) is a transposed matrix (a Linear weight): 8 x 8 blocks through registers.
+            } else if rs == 1 && w == W {
+                // Each panel column is contiguous in k (a Linear weight for B, a transposed
+                // operand for A): 8 x 8 transposes through registers, eight steps at a time.
                 let mut p = 0;
-                while p + 8 <= kc {
-                    for h in 0..2 {
-                        let s = src.offset((8 * h) as isize * csb).add(p);
+                while p + 8 <= k {
+                    let mut g = 0;
+                    while g < W {
+                        let rows = 8.min(W - g);
+                        // Rows past `rows` stay zero (no closures here: they would not inherit
+                        // this function's target_feature).
                         let mut v = [_mm256_setzero_ps(); 8];
-                        for (j, x) in v.iter_mut().enumerate() {
-                            *x = _mm256_loadu_ps(s.offset(j as isize * csb));
+                        for (j, x) in v.iter_mut().take(rows).enumerate() {
+                            *x = _mm256_loadu_ps(src.offset((g + j) as isize * cs).add(p));
                         }
                         let t = transpose8(v);
                         for (q, x) in t.iter().enumerate() {
-                            _mm256_storeu_ps(panel.add((p + q) * NR + 8 * h), *x);
+                            let d = panel.add((p + q) * W + g);
+                            if rows == 8 {
+                                _mm256_storeu_ps(d, *x);
+                            } else {
+                                let mut buf = [0f32; 8];
+                                _mm256_storeu_ps(buf.as_mut_ptr(), *x);
+                                std::ptr::copy_nonoverlapping(buf.as_ptr(), d, rows);
+                            }
                         }
+                        g += 8;
                     }
                     p += 8;
                 }
-                for p in p..kc {
-                    for j in 0..NR {
-                        *panel.add(p * NR + j) = *src.offset(j as isize * csb + p as isize);
+                for p in p..k {
+                    for j in 0..W {
+                        *panel.add(p * W + j) = *src.offset(j as isize * cs + p as isize);
                     }
                 }
             } else {
-                for p in 0..kc {
-                    let d = panel.add(p * NR);
-                    for j in 0..NR {
-                        *d.add(j) = if j < cols { *src.offset(p as isize * rsb + j as isize * csb) } else { 0.0 };
+                for p in 0..k {
+                    let d = panel.add(p * W);
+                    for j in 0..W {
+                        *d.add(j) = if j < w { *src.offset(p as isize * rs + j as isize * cs) } else { 0.0 };
                     }
                 }
             }
-            j0 += NR;
+            j0 += W;
         }
     }
 
