@@ -126,27 +126,21 @@ enum Op<B: Backend> {
         outer: usize,
         widths: Vec<usize>,
     },
-    ConvTranspose2d {
-        x: Option<NodeId>,
-        /// Saved only when the weight trains.
-        x_val: Option<B::Buf>,
-        w: ParamRef,
-        b: Option<ParamRef>,
-        /// The convolution this op is the adjoint of.
-        dims: Conv2dDims,
-    },
     Relu {
         x: NodeId,
         /// The output: its sign is the mask.
         y: B::Buf,
     },
-    Conv2d {
+    /// A convolution, or with `transposed` its adjoint (then `dims` is the convolution it is the
+    /// adjoint of).
+    Conv {
         x: Option<NodeId>,
         /// Saved only when the weight trains.
         x_val: Option<B::Buf>,
         w: ParamRef,
         b: Option<ParamRef>,
         dims: Conv2dDims,
+        transposed: bool,
     },
     Permute {
         x: NodeId,
@@ -304,7 +298,7 @@ impl<B: Backend> Op<B> {
     /// The family an op's time is reported under.
     fn family(&self) -> &'static str {
         match self {
-            Op::Linear { .. } | Op::Conv2d { .. } | Op::ConvTranspose2d { .. } => "gemm (linear, conv)",
+            Op::Linear { .. } | Op::Conv { .. } => "gemm (linear, conv)",
             Op::Attention { .. } => "attention",
             Op::LayerNorm { .. } | Op::GroupNorm { .. } => "norms",
             Op::MaeLoss { .. }
@@ -348,6 +342,33 @@ impl<'a, B: Backend> Tape<'a, B> {
         self.draws += 1;
         // Mix so that consecutive steps' seeds give unrelated masks.
         (self.seed ^ 0x6A09_E667_F3BC_C908).wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(self.draws)
+    }
+
+    /// A convolution or its transpose (the adjoint of the convolution with the same weight), recorded
+    /// when a gradient can flow through it.
+    fn conv(
+        &mut self,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        stride: usize,
+        pad: usize,
+        transposed: bool,
+    ) -> Result<Value<B>> {
+        let xn = self.check_node(x)?;
+        let (dims, y) = if transposed {
+            let dims = fwd::conv_transpose2d_dims(x, w, stride, pad)?;
+            (dims, fwd::conv_transpose2d(&self.backend, &self.params, x, w, b, dims)?)
+        } else {
+            let dims = fwd::conv2d_dims(x, w, stride, pad)?;
+            (dims, fwd::conv2d(&self.backend, &self.params, x, w, b, dims)?)
+        };
+        let tw = self.trainable(w);
+        if xn.is_none() && !tw && !b.is_some_and(|b| self.trainable(b)) {
+            return Ok(y);
+        }
+        let x_val = tw.then(|| x.buf.clone());
+        Ok(self.record(Op::Conv { x: xn, x_val, w: w.clone(), b: b.cloned(), dims, transposed }, y))
     }
 
     /// Records `op` for `y` when its single input `x` is on the tape; otherwise `y` needs no gradient.
@@ -696,7 +717,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                     }
                 }
             }
-            Op::ConvTranspose2d { x, x_val, w, b, dims } => {
+            Op::Conv { x, x_val, w, b, dims, transposed: true } => {
                 let dy = need(&dy)?;
                 let wslice = || Slice { buf: &self.params, range: w.range() };
                 if let Some(s) = get(slot(slots, x)) {
@@ -720,7 +741,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.relu_backward(&y, &dy, s)?;
             }
-            Op::Conv2d { x, x_val, w, b, dims } => {
+            Op::Conv { x, x_val, w, b, dims, transposed: false } => {
                 let dy = need(&dy)?;
                 let wslice = Slice { buf: &self.params, range: w.range() };
                 let dx = get(slot(slots, x));
@@ -984,16 +1005,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
         stride: usize,
         pad: usize,
     ) -> Result<Value<B>> {
-        let xn = self.check_node(x)?;
-        let dims = fwd::conv_transpose2d_dims(x, w, stride, pad)?;
-        let tw = self.trainable(w);
-        let tb = b.is_some_and(|b| self.trainable(b));
-        let y = fwd::conv_transpose2d(&self.backend, &self.params, x, w, b, dims)?;
-        if xn.is_none() && !tw && !tb {
-            return Ok(y);
-        }
-        let op = Op::ConvTranspose2d { x: xn, x_val: tw.then(|| x.buf.clone()), w: w.clone(), b: b.cloned(), dims };
-        Ok(self.record(op, y))
+        self.conv(x, w, b, stride, pad, true)
     }
 
     fn relu(&mut self, x: &Value<B>) -> Result<Value<B>> {
@@ -1010,16 +1022,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
         stride: usize,
         pad: usize,
     ) -> Result<Value<B>> {
-        let xn = self.check_node(x)?;
-        let dims = fwd::conv2d_dims(x, w, stride, pad)?;
-        let tw = self.trainable(w);
-        let tb = b.is_some_and(|b| self.trainable(b));
-        let y = fwd::conv2d(&self.backend, &self.params, x, w, b, dims)?;
-        if xn.is_none() && !tw && !tb {
-            return Ok(y);
-        }
-        let op = Op::Conv2d { x: xn, x_val: tw.then(|| x.buf.clone()), w: w.clone(), b: b.cloned(), dims };
-        Ok(self.record(op, y))
+        self.conv(x, w, b, stride, pad, false)
     }
 
     fn permute(&mut self, x: &Value<B>, perm: &[usize]) -> Result<Value<B>> {
