@@ -204,6 +204,8 @@ unsafe fn forward_head<S: Simd>(
     let sp = seq.next_multiple_of(PAD);
     let mut kt = vec![0f32; hd * sp];
     tile::transpose_into(k, ldk, seq, hd, &mut kt, sp);
+    let (qc, vc) = (contiguous(q, ldq, seq, hd), contiguous(v, ldv, seq, hd));
+    let (q, ldq, v, ldv) = (qc.as_ptr(), hd, vc.as_ptr(), hd);
     let mut sc = vec![0f32; BLOCK_Q * bk];
     let mut acc = vec![0f32; BLOCK_Q * hd];
     let mut m = [0f32; BLOCK_Q];
@@ -360,6 +362,11 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     let mut vt = vec![0f32; hd * sp];
     tile::transpose_into(p.k, ldk, seq, hd, &mut kt, sp);
     tile::transpose_into(p.v, ldv, seq, hd, &mut vt, sp);
+    let (qc, kc, doc) =
+        (contiguous(p.q, ldq, seq, hd), contiguous(p.k, ldk, seq, hd), contiguous(p.dout, lddo, seq, hd));
+    let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
+    // dQ accumulates over key tiles here and is written out once.
+    let mut dqc = vec![0f32; seq * hd];
     let mut pm = vec![0f32; BLOCK_Q * bk];
     let mut dp = vec![0f32; BLOCK_Q * bk];
     let mut dk_blk = vec![0f32; bk * hd];
@@ -370,7 +377,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
         for i0 in (0..seq).step_by(BLOCK_Q) {
             let bq = BLOCK_Q.min(seq - i0);
             let first = i0 == 0;
-            let (qi, doi) = (p.q.add(i0 * ldq), p.dout.add(i0 * lddo));
+            let (qi, doi) = (pq.add(i0 * ldq), pdo.add(i0 * lddo));
             // P = exp(scale * Q_i K_j^T - lse_i).
             tile::matmul::<S>(bq, nkp, hd, scale, qi, ldq, 1, kt.as_ptr().add(j0), sp, pm.as_mut_ptr(), nkp, false);
             for r in 0..bq {
@@ -393,10 +400,10 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 dp.as_ptr(),
                 nkp,
                 1,
-                p.k.add(j0 * ldk),
+                pk.add(j0 * ldk),
                 ldk,
-                p.dq.add(i0 * lddq),
-                lddq,
+                dqc.as_mut_ptr().add(i0 * hd),
+                hd,
                 j0 > 0,
             );
             tile::matmul::<S>(nk, hd, bq, scale, dp.as_ptr(), 1, nkp, qi, ldq, dk_blk.as_mut_ptr(), hd, !first);
@@ -408,6 +415,23 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 .copy_from_slice(&dv_blk[r * hd..(r + 1) * hd]);
         }
     }
+    for r in 0..seq {
+        std::slice::from_raw_parts_mut(p.dq.add(r * lddq), hd).copy_from_slice(&dqc[r * hd..(r + 1) * hd]);
+    }
+}
+
+/// One head's `seq x hd` rows copied out of a strided buffer: the tile products then stream
+/// contiguous rows instead of one row per `ld` (kilobytes apart, a TLB entry per row or two).
+#[inline(always)]
+unsafe fn contiguous(src: *const f32, ld: usize, seq: usize, hd: usize) -> Vec<f32> {
+    let mut out = vec![0f32; seq * hd];
+    for (r, row) in out.chunks_exact_mut(hd).enumerate() {
+        // An inlined loop, not a `memcpy` call per row: rows are a few hundred bytes.
+        for (d, s) in row.iter_mut().zip(std::slice::from_raw_parts(src.add(r * ld), hd)) {
+            *d = *s;
+        }
+    }
+    out
 }
 
 /// `dp = p * (dp - d)` in place: the softmax backward of one row.
