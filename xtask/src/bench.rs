@@ -17,7 +17,7 @@ use sg_tensor::{Eval, Exec, ParamStore, Result, TensorError};
 use sg_vit::config::{PosEmbed, VitConfig};
 use sg_vit::Vit;
 
-pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N] [--profile] [--dtype f32|f16|bf16 (infer)]";
+pub const USAGE: &str = "cargo xtask bench pretrain|infer [--size tiny|base|large|huge] [--img PX] [--bands N] [--batch N] [--steps N] [--threads N] [--profile] [--dtype f32|f16|bf16 (infer)] [--stored-weights (infer: f32 weights as stored, not packed)]";
 
 /// Peak resident memory of this process in MiB (VmHWM), 0 where /proc is unavailable.
 pub fn peak_rss_mib() -> f64 {
@@ -35,10 +35,15 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
         ("base".to_string(), 96usize, 12usize, 8usize, 5usize, None);
     let mut it = args.iter();
     let mut profile = false;
+    let mut stored = false;
     let mut dtype = sg_tensor::DType::F32;
     while let Some(a) = it.next() {
         if a == "--profile" {
             profile = true;
+            continue;
+        }
+        if a == "--stored-weights" {
+            stored = true;
             continue;
         }
         let v = it.next().ok_or_else(|| err(format!("{a} needs a value")))?;
@@ -133,17 +138,23 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             if half.is_some() {
                 store = ParamStore::new();
             }
+            // f32: the Linear weights rearranged once for the GEMM, as a deployment would load them.
+            let mut packed = match (&half, stored) {
+                (None, false) => Some(Eval::packed(Cpu, std::mem::take(&mut store), &model.linear_weights())?),
+                _ => None,
+            };
             let (l, td) = (cfg.tokens(), cfg.token_dim());
             for s in 0..=steps {
                 let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.normal() as f32).collect();
                 let t0 = Instant::now();
                 let tokens = model.tokens(&x, batch)?;
-                let mut e = match &half {
+                let mut fresh = match &half {
                     Some(h) => Eval::half(Cpu, h),
                     None => Eval::new(Cpu, &store),
                 };
+                let e = packed.as_mut().unwrap_or(&mut fresh);
                 let t = e.constant(&tokens, &[batch, l, td])?;
-                let logits = model.logits(&mut e, &t)?;
+                let logits = model.logits(e, &t)?;
                 std::hint::black_box(&logits);
                 if s > 0 {
                     times.push(t0.elapsed().as_secs_f64());

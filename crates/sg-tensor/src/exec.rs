@@ -9,6 +9,7 @@ use crate::error::{Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::linear::Activation;
 use crate::params::{HalfParams, ParamRef, ParamStore};
+use std::collections::HashSet;
 
 /// A BatchNorm layer's parameters: the affine pair (trained) and the running statistics (kept in
 /// the parameter store, never trained, updated by training steps).
@@ -221,15 +222,23 @@ pub mod fwd {
     }
 
     #[allow(clippy::type_complexity)]
-    pub fn linear<B: Backend>(
+    /// [`linear`] for inference with a weight the backend packed ([`Eval::packed`]).
+    pub fn linear_packed<B: Backend>(
         be: &B,
         params: &B::Buf,
         x: &Value<B>,
         w: &ParamRef,
         b: Option<&ParamRef>,
         act: Activation,
-        keep: bool,
-    ) -> Result<(Value<B>, Option<B::Buf>)> {
+    ) -> Result<Value<B>> {
+        let (m, k, n) = linear_dims(x, w, b)?;
+        let y = be.linear_packed(&x.buf, slice(params, w), b.map(|b| slice(params, b)), m, k, n, act)?;
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("rows_cols checked") = n;
+        Ok(value(y, shape))
+    }
+
+    fn linear_dims<B: Backend>(x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>) -> Result<(usize, usize, usize)> {
         let op = "linear";
         let (m, k) = rows_cols(x);
         if w.shape.len() != 2 || w.shape[1] != k {
@@ -241,6 +250,19 @@ pub mod fwd {
                 return shape_err(op, format!("bias {:?} for {n} outputs", b.shape));
             }
         }
+        Ok((m, k, n))
+    }
+
+    pub fn linear<B: Backend>(
+        be: &B,
+        params: &B::Buf,
+        x: &Value<B>,
+        w: &ParamRef,
+        b: Option<&ParamRef>,
+        act: Activation,
+        keep: bool,
+    ) -> Result<(Value<B>, Option<B::Buf>)> {
+        let (m, k, n) = linear_dims(x, w, b)?;
         let (y, pre) = be.linear(&x.buf, slice(params, w), b.map(|b| slice(params, b)), m, k, n, act, keep)?;
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rows_cols checked") = n;
@@ -679,6 +701,8 @@ pub mod fwd {
 pub struct Eval<'a, B: Backend> {
     backend: B,
     params: Weights<'a, B>,
+    /// `(offset, len)` of the Linear weights held in the backend's packed layout.
+    packed: HashSet<(usize, usize)>,
 }
 
 /// Where an executor's parameters live.
@@ -698,13 +722,61 @@ impl<'a, B: Backend> Eval<'a, B> {
 
     /// An executor over parameter values already on the backend, laid out like `store`.
     pub fn with_params(backend: B, _store: &'a ParamStore, params: B::Buf) -> Self {
-        Eval { backend, params: Weights::Full(params) }
+        Eval { backend, params: Weights::Full(params), packed: HashSet::new() }
+    }
+
+    /// An executor that owns `store`'s parameters, with the Linear weights `linear` rearranged once
+    /// into the layout the backend's inference products read in place
+    /// ([`Backend::pack_linear_weight`]; on AVX2+FMA, the GEMM's panels). The rearranged weights
+    /// replace the originals, so memory does not grow; they serve [`Exec::linear`] only. Weights the
+    /// backend does not pack (no such layout, or a width that is not a multiple of 16) stay as stored.
+    pub fn packed(backend: B, store: ParamStore, linear: &[&ParamRef]) -> Result<Eval<'static, B>> {
+        let mut data = store.into_data();
+        let mut packed = HashSet::new();
+        for w in linear {
+            let (n, k) = match w.shape[..] {
+                [n, k] => (n, k),
+                _ => {
+                    return Err(TensorError::Arg {
+                        op: "Eval::packed",
+                        msg: format!("a Linear weight is 2-D, not {:?}", w.shape),
+                    })
+                }
+            };
+            let range = w.offset..w.offset + w.len();
+            if range.end > data.len() {
+                return Err(TensorError::Arg {
+                    op: "Eval::packed",
+                    msg: format!("weight {:?} at {} lies outside the {} parameters", w.shape, w.offset, data.len()),
+                });
+            }
+            if packed.contains(&(w.offset, w.len())) {
+                continue;
+            }
+            if let Some(p) = backend.pack_linear_weight(&data[range.clone()], n, k) {
+                if p.len() == range.len() {
+                    data[range].copy_from_slice(&p);
+                    packed.insert((w.offset, w.len()));
+                }
+            }
+        }
+        let params = backend.upload_vec(data);
+        Ok(Eval { backend, params: Weights::Full(params), packed })
+    }
+
+    /// How many Linear weights [`Eval::packed`] rearranged.
+    pub fn packed_weights(&self) -> usize {
+        self.packed.len()
+    }
+
+    fn is_packed(&self, p: &ParamRef) -> bool {
+        !self.packed.is_empty() && self.packed.contains(&(p.offset, p.len()))
     }
 
     /// An executor over half-precision weights: each op widens the parameters it uses to f32 for
     /// the duration of the op, so only one layer's weights are ever held in f32.
     pub fn half(backend: B, params: &'a HalfParams) -> Self {
-        Eval { backend, params: Weights::Half(params) }
+        Eval { backend, params: Weights::Half(params), packed: HashSet::new() }
     }
 
     /// Runs `f` on a parameter buffer holding `ps` and the references to them in it: the store's
@@ -714,6 +786,12 @@ impl<'a, B: Backend> Eval<'a, B> {
         ps: &[Option<&ParamRef>],
         f: impl FnOnce(&B::Buf, &[Option<ParamRef>]) -> Result<T>,
     ) -> Result<T> {
+        if let Some(p) = ps.iter().flatten().find(|p| self.is_packed(p)) {
+            return Err(TensorError::Arg {
+                op: "eval",
+                msg: format!("the weight at offset {} {:?} is packed for Linear layers only", p.offset, p.shape),
+            });
+        }
         match &self.params {
             Weights::Full(buf) => f(buf, &ps.iter().map(|p| p.cloned()).collect::<Vec<_>>()),
             Weights::Half(h) => {
@@ -751,6 +829,10 @@ impl<B: Backend> Exec for Eval<'_, B> {
     }
 
     fn linear(&mut self, x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>, act: Activation) -> Result<Value<B>> {
+        // Only `Eval::packed` packs, and its weights are full precision.
+        if let (true, Weights::Full(buf)) = (self.is_packed(w), &self.params) {
+            return fwd::linear_packed(&self.backend, buf, x, w, b, act);
+        }
         self.using(&[Some(w), b], |buf, r| {
             Ok(fwd::linear(&self.backend, buf, x, r[0].as_ref().expect("given"), r[1].as_ref(), act, false)?.0)
         })

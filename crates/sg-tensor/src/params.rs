@@ -95,6 +95,11 @@ impl ParamStore {
         Arc::make_mut(&mut self.data).as_mut_slice()
     }
 
+    /// The values, the store given up (no copy unless an executor still shares them).
+    pub fn into_data(self) -> Vec<f32> {
+        Arc::try_unwrap(self.data).unwrap_or_else(|shared| shared.as_ref().clone())
+    }
+
     /// The shared storage itself (what the CPU backend computes on, without a copy).
     pub fn shared(&self) -> &Arc<Vec<f32>> {
         &self.data

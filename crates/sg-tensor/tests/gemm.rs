@@ -80,6 +80,49 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(30))]
+
+    #[test]
+    fn linear_with_a_packed_weight_equals_the_stored_one(seed in seed(), m in 1usize..120, k in 1usize..80,
+                                                          n in 1usize..90, gelu in any::<bool>()) {
+        let x = data(seed, m * k, 2.0);
+        let w = data(seed ^ 1, n * k, 0.5);
+        let b = data(seed ^ 2, n, 0.5);
+        let act = if gelu { Activation::Gelu } else { Activation::Identity };
+        let panels = gemm::pack_panels(&w, n, k).unwrap();
+        assert_eq!(panels.len(), gemm::panels_len(k, n));
+        on_every_isa(|isa| {
+            let mut want = vec![f32::NAN; m * n];
+            linear::forward(&x, &w, Some(&b), m, k, n, act, None, &mut want).unwrap();
+            let mut got = vec![f32::NAN; m * n];
+            linear::forward_panels(&x, &panels, Some(&b), m, k, n, act, &mut got).unwrap();
+            // Same kernel, same blocks over k: the same bits, not just close.
+            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{isa:?} {m}x{k}x{n}");
+        });
+    }
+}
+
+#[test]
+fn packed_weights_cross_cache_blocks_and_thread_splits() {
+    // k past one k-block, n past one column block (and not a multiple of 16), m split over threads.
+    for (m, k, n) in [(151, 520, 48), (13, 300, 3100), (456, 200, 304)] {
+        let (x, w, b) = (data(7, m * k, 1.0), data(8, n * k, 1.0), data(9, n, 1.0));
+        let want = linear::reference::forward(&x, &w, Some(&b), m, k, n, Activation::Identity);
+        let panels = gemm::pack_panels(&w, n, k).unwrap();
+        on_every_isa(|isa| {
+            let mut y = vec![f32::NAN; m * n];
+            linear::forward_panels(&x, &panels, Some(&b), m, k, n, Activation::Identity, &mut y).unwrap();
+            let e = max_err(&y, &want) / (k as f64).sqrt();
+            assert!(e <= 1e-6, "{isa:?} {m}x{k}x{n} err {e}");
+        });
+    }
+    // A panel buffer of the wrong length is an error naming it.
+    let mut y = vec![0.0; 4];
+    let e = linear::forward_panels(&[0.0; 6], &[0.0; 6], None, 2, 3, 2, Activation::Identity, &mut y).unwrap_err();
+    assert!(e.to_string().contains("weight panels"), "{e}");
+}
+
 #[test]
 fn gemm_crosses_cache_block_edges() {
     // Past typical cache blocks (m > 144, k > 256, n > 3072) with ragged edges, in every layout,

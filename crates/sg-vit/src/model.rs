@@ -243,6 +243,17 @@ impl Vit {
         patchify(images, &g)
     }
 
+    /// Every Linear weight the forward uses (patch embedding, each block's qkv, proj, fc1, fc2,
+    /// the head): what [`sg_tensor::Eval::packed`] may rearrange for faster inference.
+    pub fn linear_weights(&self) -> Vec<&ParamRef> {
+        let mut w = vec![&self.patch_embed.weight];
+        for b in &self.blocks {
+            w.extend([&b.qkv.weight, &b.proj.weight, &b.fc1.weight, &b.fc2.weight]);
+        }
+        w.extend(self.head.as_ref().map(|h| &h.weight));
+        w
+    }
+
     /// Drop-path rate of block `i`: linear from 0 to `cfg.drop_path`.
     pub fn drop_path_rate(&self, i: usize) -> f32 {
         if self.cfg.depth <= 1 {

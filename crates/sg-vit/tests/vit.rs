@@ -98,3 +98,39 @@ fn classifier_runs_on_the_inference_executor() {
     let emb = vit.embedding(&mut e, &t).unwrap();
     assert_eq!(emb.shape, vec![2, 192]);
 }
+
+#[test]
+fn packed_weights_give_the_same_logits_and_serve_only_linear_layers() {
+    let mut cfg = VitConfig::preset("tiny", 16).unwrap();
+    cfg.num_classes = 4;
+    let mut store = ParamStore::new();
+    let vit = Vit::new(cfg.clone(), &mut store, 7).unwrap();
+    let x: Vec<f32> = (0..2 * 12 * 256).map(|i| (i % 17) as f32 / 17.0 - 0.3).collect();
+    let tokens = vit.tokens(&x, 2).unwrap();
+    let shape = [2, cfg.tokens(), cfg.token_dim()];
+    let mut e = Eval::new(Cpu, &store);
+    let t = e.constant(&tokens, &shape).unwrap();
+    let z = vit.logits(&mut e, &t).unwrap();
+    let want = e.read(&z);
+    drop(e);
+
+    let weights = vit.linear_weights();
+    // Patch embedding, four per block, the head.
+    assert_eq!(weights.len(), 2 + 4 * cfg.depth);
+    let mut p = Eval::packed(Cpu, store, &weights).unwrap();
+    if sg_tensor::kernels::gemm::reads_panels() {
+        // All but the 4-class head (not a multiple of 16 wide) are rearranged.
+        assert_eq!(p.packed_weights(), 1 + 4 * cfg.depth);
+    } else {
+        assert_eq!(p.packed_weights(), 0);
+    }
+    let t = p.constant(&tokens, &shape).unwrap();
+    let z = vit.logits(&mut p, &t).unwrap();
+    let got = p.read(&z);
+    assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{got:?} vs {want:?}");
+    if p.packed_weights() > 0 {
+        // A packed weight read as a plain parameter would be scrambled: an error instead.
+        let e = p.param(&vit.blocks[0].fc1.weight).unwrap_err();
+        assert!(e.to_string().contains("packed for Linear layers only"), "{e}");
+    }
+}

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::error::{check_len, Result, TensorError};
 use crate::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
-use crate::kernels::gemm::{gemm, Trans};
+use crate::kernels::gemm::{self, gemm, Trans};
 use crate::kernels::linear::{self, Activation};
 use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, Dst};
 
@@ -193,6 +193,30 @@ impl Backend for Cpu {
             linear::forward(x, sl(&w), bias, m, k, n, act, None, &mut y)?;
             Ok((Arc::new(y), None))
         }
+    }
+
+    fn pack_linear_weight(&self, w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
+        // Only where the kernel reads panels, and only when no padding is needed (n a multiple
+        // of 16: every ViT projection), so the packed weight fits the weight's place.
+        if !gemm::reads_panels() || gemm::panels_len(k, n) != n * k || w.len() != n * k {
+            return None;
+        }
+        gemm::pack_panels(w, n, k).ok()
+    }
+
+    fn linear_packed(
+        &self,
+        x: &Buf,
+        w: Slice<Self>,
+        b: Option<Slice<Self>>,
+        m: usize,
+        k: usize,
+        n: usize,
+        act: Activation,
+    ) -> Result<Buf> {
+        let mut y = vec![0.0; m * n];
+        linear::forward_panels(x, sl(&w), b.as_ref().map(sl), m, k, n, act, &mut y)?;
+        Ok(Arc::new(y))
     }
 
     fn linear_backward(

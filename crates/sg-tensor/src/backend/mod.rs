@@ -22,7 +22,7 @@ pub(crate) use dense::*;
 
 use std::ops::Range;
 
-use crate::error::Result;
+use crate::error::{Result, TensorError};
 use crate::kernels::attention::AttnShape;
 use crate::kernels::linear::Activation;
 use crate::kernels::Dst;
@@ -214,6 +214,26 @@ pub trait Backend: Clone + Send + Sync + 'static {
         act: Activation,
         keep: bool,
     ) -> Result<(Self::Buf, Option<Self::Buf>)>;
+    /// A Linear weight `(n, k)` rearranged once for this backend's inference products, the same
+    /// length so that it can replace the weight in a parameter buffer; `None` where the backend
+    /// reads the stored layout best (the weight is then used as stored).
+    fn pack_linear_weight(&self, _w: &[f32], _n: usize, _k: usize) -> Option<Vec<f32>> {
+        None
+    }
+    /// [`Backend::linear`] for inference with a weight from [`Backend::pack_linear_weight`].
+    #[allow(clippy::too_many_arguments)]
+    fn linear_packed(
+        &self,
+        _x: &Self::Buf,
+        _w: Slice<Self>,
+        _b: Option<Slice<Self>>,
+        _m: usize,
+        _k: usize,
+        _n: usize,
+        _act: Activation,
+    ) -> Result<Self::Buf> {
+        Err(TensorError::Arg { op: "linear_packed", msg: format!("the {} backend packs no weights", self.name()) })
+    }
     /// Backward of [`Backend::linear`] with `dpre = dy * act'(pre)`: `dx = dpre W`, `dw = dpre^T x`
     /// (`x` is needed only for it), `db = colsum dpre`.
     fn linear_backward(

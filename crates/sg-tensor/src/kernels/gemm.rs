@@ -7,7 +7,7 @@
 //! `beta = 1` accumulates straight into a gradient buffer. Each element of C is summed over k in the
 //! same blocks whatever the split, so results do not depend on the thread count.
 
-use crate::error::{check_min_len, Result, TensorError};
+use crate::error::{check_len, check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
 use crate::simd::{isa, Isa};
 
@@ -92,6 +92,52 @@ pub fn gemm(
     gemm_epilogue(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &|_, _| {})
 }
 
+/// Columns per panel of a pre-packed right-hand operand ([`pack_panels`]).
+pub const PANEL: usize = 16;
+
+/// Whether the GEMM that runs on this machine reads pre-packed panels in place (our AVX2+FMA
+/// kernel). Elsewhere [`pack_panels`] would only add work, so callers keep weights as stored.
+pub fn reads_panels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if kernel() == Kernel::Packed {
+        return true;
+    }
+    false
+}
+
+/// Floats in the panel layout of a `k x n` operand: `ceil(n / 16)` panels of `k x 16`.
+pub fn panels_len(k: usize, n: usize) -> usize {
+    n.div_ceil(PANEL) * PANEL * k
+}
+
+/// A Linear weight `w`, stored `(n, k)` as PyTorch stores it and used as the right-hand operand
+/// `W^T (k x n)`, rearranged once into the layout the packed kernel reads: panel `j / 16` holds, for
+/// each `p < k`, the 16 values `W^T[p, j0..j0 + 16]` contiguously (zeros past `n`). Inference
+/// then skips packing B on every call: the strided, transposing reads of the weight were most of
+/// the product's time outside its micro-kernel at batch 1.
+pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
+    check_min_len("pack_panels", "w", w.len(), n * k)?;
+    let mut out = vec![0.0; panels_len(k, n)];
+    for (q, panel) in out.chunks_exact_mut(PANEL * k).enumerate() {
+        for j in 0..PANEL.min(n - q * PANEL) {
+            let row = &w[(q * PANEL + j) * k..(q * PANEL + j + 1) * k];
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * PANEL + j] = v;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The right-hand operand of a product.
+#[derive(Clone, Copy)]
+enum BOp<'a> {
+    /// Row-major storage with leading dimension `ld`, used as stored or transposed.
+    Strided { data: &'a [f32], t: Trans, ld: usize },
+    /// [`pack_panels`] layout.
+    Panels(&'a [f32]),
+}
+
 /// A block of C handed to an epilogue: rows `r0..r1`, columns `c0..c1`.
 #[derive(Clone, Copy, Debug)]
 pub struct Block {
@@ -120,44 +166,111 @@ pub(crate) fn gemm_epilogue(
     ldc: usize,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
 ) -> Result<()> {
+    let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
+    check_operand("gemm", "b", br, bc, ldb, b.len())?;
+    product(ta, m, n, k, alpha, a, lda, BOp::Strided { data: b, t: tb, ld: ldb }, beta, c, ldc, epilogue)
+}
+
+/// `C (m x n) = alpha * op(A) (m x k) * B + beta * C` with B (`k x n`) in [`pack_panels`] layout,
+/// then the epilogue block by block as in [`gemm_epilogue`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_panels_epilogue(
+    ta: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    panels: &[f32],
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: &(dyn Fn(Block, SendPtr) + Sync),
+) -> Result<()> {
+    check_len("gemm", "packed b", panels.len(), panels_len(k, n))?;
+    product(ta, m, n, k, alpha, a, lda, BOp::Panels(panels), beta, c, ldc, epilogue)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    ta: Trans,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: &[f32],
+    lda: usize,
+    b: BOp,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+    epilogue: &(dyn Fn(Block, SendPtr) + Sync),
+) -> Result<()> {
     let op = "gemm";
     let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
-    let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
     check_operand(op, "a", ar, ac, lda, a.len())?;
-    check_operand(op, "b", br, bc, ldb, b.len())?;
     check_operand(op, "c", m, n, ldc, c.len())?;
     if m == 0 || n == 0 {
         return Ok(());
     }
     let (rsa, csa) = strides(ta, lda);
-    let (rsb, csb) = strides(tb, ldb);
     let cp = SendPtr(c.as_mut_ptr());
-    let (ap, bp) = (a.as_ptr() as usize, b.as_ptr() as usize);
+    let ap = a.as_ptr() as usize;
     let kernel = kernel();
     let run = |blk: Block| {
-        let (ap, bp) = (ap as *const f32, bp as *const f32);
+        let ap = ap as *const f32;
         // SAFETY: operand extents were checked above; blocks of C are disjoint.
         unsafe {
             let a0 = ap.offset(blk.r0 as isize * rsa);
-            let b0 = bp.offset(blk.c0 as isize * csb);
             let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
             let (bm, bn) = (blk.r1 - blk.r0, blk.c1 - blk.c0);
-            match kernel {
-                Kernel::Scalar => {
-                    reference::gemm_raw(bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc as isize)
+            match b {
+                BOp::Strided { data, t, ld } => {
+                    let (rsb, csb) = strides(t, ld);
+                    let b0 = data.as_ptr().offset(blk.c0 as isize * csb);
+                    inner(kernel, bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc)
                 }
-                Kernel::MatrixMultiply => {
-                    matrixmultiply::sgemm(bm, k, bn, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc as isize, 1)
+                // Blocks start on a panel boundary (the split aligns columns to 16).
+                BOp::Panels(data) => {
+                    let p0 = data.as_ptr().add(blk.c0 * k);
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Packed => {
+                            let src = super::sgemm::BSrc::Panels(p0);
+                            super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc)
+                        }
+                        // Other kernels take each panel as a strided `k x 16` matrix.
+                        _ => {
+                            for (q, j0) in (0..bn).step_by(PANEL).enumerate() {
+                                let (w, bq) = (PANEL.min(bn - j0), p0.add(q * PANEL * k));
+                                inner(
+                                    kernel,
+                                    bm,
+                                    w,
+                                    k,
+                                    alpha,
+                                    a0,
+                                    rsa,
+                                    csa,
+                                    bq,
+                                    PANEL as isize,
+                                    1,
+                                    beta,
+                                    c0.add(j0),
+                                    ldc,
+                                )
+                            }
+                        }
+                    }
                 }
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Packed => super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc),
             }
         }
         epilogue(blk, cp);
     };
     let parts = if m * n * k >= PAR_MIN_FLOPS && par::can_split() { par::threads() } else { 1 };
     // Split the larger side of C: the other operand is packed once per part, so this packs least.
-    let (len, align) = if n >= m { (n, 16) } else { (m, 8) };
+    let (len, align) = if n >= m { (n, PANEL) } else { (m, 8) };
     let chunk = len.div_ceil(parts).div_ceil(align) * align;
     let nblocks = len.div_ceil(chunk);
     par::for_each(nblocks, nblocks > 1, |i| {
@@ -165,6 +278,40 @@ pub(crate) fn gemm_epilogue(
         run(if n >= m { Block { r0: 0, r1: m, c0: s, c1: e } } else { Block { r0: s, r1: e, c0: 0, c1: n } })
     });
     Ok(())
+}
+
+/// One block's product on a strided B.
+///
+/// # Safety
+/// As for [`reference::gemm_raw`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn inner(
+    kernel: Kernel,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    beta: f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    match kernel {
+        Kernel::Scalar => reference::gemm_raw(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc as isize),
+        Kernel::MatrixMultiply => {
+            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc as isize, 1)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Packed => {
+            let src = super::sgemm::BSrc::Strided { b, rs: rsb, cs: csb };
+            super::sgemm::sgemm(m, n, k, alpha, a, rsa, csa, src, beta, c, ldc)
+        }
+    }
 }
 
 /// Plain loops: the scalar kernel (`Isa::Scalar`) and what the tests trust.

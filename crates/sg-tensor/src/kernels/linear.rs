@@ -114,6 +114,40 @@ pub fn forward(
     }
 }
 
+/// [`forward`] for inference with a weight already in the GEMM's panel layout
+/// ([`super::gemm::pack_panels`] of the `(n, k)` weight); the activation is applied in place.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_panels(
+    x: &[f32],
+    w_panels: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Activation,
+    y: &mut [f32],
+) -> Result<()> {
+    let op = "linear::forward_panels";
+    check_dims(op, x.len(), n * k, bias.map(|b| b.len()), m, k, n)?;
+    check_len(op, "weight panels", w_panels.len(), super::gemm::panels_len(k, n))?;
+    check_len(op, "y", y.len(), m * n)?;
+    let isa = isa();
+    super::gemm::gemm_panels_epilogue(
+        Trans::N,
+        m,
+        n,
+        k,
+        1.0,
+        x,
+        k,
+        w_panels,
+        0.0,
+        y,
+        n,
+        &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
+    )
+}
+
 /// Backward of [`forward`] without activation: `dw += dy^T x`, `db += sum_rows dy`, and, when asked,
 /// `dx (=|+=) dy W`.
 #[allow(clippy::too_many_arguments)]

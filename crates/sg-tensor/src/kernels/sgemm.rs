@@ -14,7 +14,7 @@
 //!   do not depend on the thread count.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use imp::sgemm;
+pub(crate) use imp::{sgemm, BSrc};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -23,7 +23,7 @@ mod imp {
     use std::cell::RefCell;
 
     const MR: usize = 6;
-    const NR: usize = 16;
+    const NR: usize = super::super::gemm::PANEL;
     /// k-block: a `KC x 16` panel of B (16 KiB) stays in L1 while a block of A streams past it.
     const KC: usize = 256;
     /// Rows of A per block: `MC x KC` (120 KiB) stays in L2.
@@ -36,9 +36,20 @@ mod imp {
         static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     }
 
+    /// Where B comes from.
+    #[derive(Clone, Copy)]
+    pub(crate) enum BSrc {
+        /// Element `(p, j)` at `b + p * rs + j * cs`: packed here, a block at a time.
+        Strided { b: *const f32, rs: isize, cs: isize },
+        /// Already in panels ([`super::super::gemm::pack_panels`]): panel `j / 16` holds `k` steps of
+        /// 16 values, so any k-block of a panel is contiguous and is read in place.
+        Panels(*const f32),
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA. The pointers with their strides must address valid
-    /// `m x k`, `k x n` and `m x n` (row stride `ldc`) matrices, and C must not overlap A or B.
+    /// `m x k`, `k x n` (or its `ceil(n / 16)` panels) and `m x n` (row stride `ldc`) matrices,
+    /// and C must not overlap A or B.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn sgemm(
@@ -49,9 +60,7 @@ mod imp {
         a: *const f32,
         rsa: isize,
         csa: isize,
-        b: *const f32,
-        rsb: isize,
-        csb: isize,
+        b: BSrc,
         beta: f32,
         c: *mut f32,
         ldc: usize,
@@ -69,7 +78,10 @@ mod imp {
         // function's `target_feature`, and every intrinsic in it would become a call.
         let (mut pa, mut pb) = PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
         let need_a = MC.div_ceil(MR) * MR * KC;
-        let need_b = NC.min(n.div_ceil(NR) * NR) * KC.min(k);
+        let need_b = match b {
+            BSrc::Strided { .. } => NC.min(n.div_ceil(NR) * NR) * KC.min(k),
+            BSrc::Panels(_) => 0,
+        };
         if pa.len() < need_a {
             pa.resize(need_a, 0.0);
         }
@@ -84,7 +96,14 @@ mod imp {
                 let kcb = KC.min(k - pc);
                 // The first k-block writes C (or adds to it when beta is not 0); later ones add.
                 let accumulate = pc > 0 || beta != 0.0;
-                pack::<NR>(kcb, ncb, b.offset(pc as isize * rsb + jc as isize * csb), rsb, csb, pb.as_mut_ptr());
+                // Panel `jr / NR` of this block starts at `bblk + jr * bstride`.
+                let (bblk, bstride) = match b {
+                    BSrc::Strided { b, rs, cs } => {
+                        pack::<NR>(kcb, ncb, b.offset(pc as isize * rs + jc as isize * cs), rs, cs, pb.as_mut_ptr());
+                        (pb.as_ptr(), kcb)
+                    }
+                    BSrc::Panels(p) => (p.add(jc * k + pc * NR), k),
+                };
                 let mut ic = 0;
                 while ic < m {
                     let mcb = MC.min(m - ic);
@@ -93,7 +112,7 @@ mod imp {
                     let mut jr = 0;
                     while jr < ncb {
                         let cols = NR.min(ncb - jr);
-                        let bp = pb.as_ptr().add(jr * kcb);
+                        let bp = bblk.add(jr * bstride);
                         let mut ir = 0;
                         while ir < mcb {
                             let rows = MR.min(mcb - ir);
