@@ -202,12 +202,12 @@ unsafe fn forward_head<S: Simd>(
     let bk = key_block(seq);
     // K^T of this head, once, keys padded with zeros: the score products read contiguous rows.
     let sp = seq.next_multiple_of(PAD);
-    let mut kt = vec![0f32; hd * sp];
-    tile::transpose_into(k, ldk, seq, hd, &mut kt, sp);
-    let (qc, vc) = (contiguous(q, ldq, seq, hd), contiguous(v, ldv, seq, hd));
+    let mut scratch = Scratch::take(hd * sp + 2 * seq * hd + BLOCK_Q * bk + BLOCK_Q * hd);
+    let [kt, qc, vc, sc, acc] = scratch.carve([hd * sp, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * hd]);
+    transpose_padded(k, ldk, seq, hd, kt, sp);
+    copy_rows(q, ldq, seq, hd, qc);
+    copy_rows(v, ldv, seq, hd, vc);
     let (q, ldq, v, ldv) = (qc.as_ptr(), hd, vc.as_ptr(), hd);
-    let mut sc = vec![0f32; BLOCK_Q * bk];
-    let mut acc = vec![0f32; BLOCK_Q * hd];
     let mut m = [0f32; BLOCK_Q];
     let mut l = [0f32; BLOCK_Q];
     for i0 in (0..seq).step_by(BLOCK_Q) {
@@ -348,29 +348,25 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     let (seq, hd) = (s.seq, s.head_dim);
     let [ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv] = p.ld;
     let bk = key_block(seq);
-    // D_i = dout_i . o_i, the softmax backward's row term.
-    let dvec: Vec<f32> = (0..seq)
-        .map(|i| {
-            let a = std::slice::from_raw_parts(p.dout.add(i * lddo), hd);
-            let b = std::slice::from_raw_parts(p.o.add(i * ldo), hd);
-            dot_serial::<S>(a, b)
-        })
-        .collect();
-    // K^T and V^T of this head, once, for the two products over the head dimension.
     let sp = seq.next_multiple_of(PAD);
-    let mut kt = vec![0f32; hd * sp];
-    let mut vt = vec![0f32; hd * sp];
-    tile::transpose_into(p.k, ldk, seq, hd, &mut kt, sp);
-    tile::transpose_into(p.v, ldv, seq, hd, &mut vt, sp);
-    let (qc, kc, doc) =
-        (contiguous(p.q, ldq, seq, hd), contiguous(p.k, ldk, seq, hd), contiguous(p.dout, lddo, seq, hd));
+    let sizes =
+        [seq, hd * sp, hd * sp, seq * hd, seq * hd, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * bk, bk * hd, bk * hd];
+    let mut scratch = Scratch::take(sizes.iter().sum());
+    let [dvec, kt, vt, qc, kc, doc, dqc, pm, dp, dk_blk, dv_blk] = scratch.carve(sizes);
+    // D_i = dout_i . o_i, the softmax backward's row term.
+    for (i, d) in dvec.iter_mut().enumerate() {
+        let a = std::slice::from_raw_parts(p.dout.add(i * lddo), hd);
+        let b = std::slice::from_raw_parts(p.o.add(i * ldo), hd);
+        *d = dot_serial::<S>(a, b);
+    }
+    // K^T and V^T of this head, once, for the two products over the head dimension; Q, K and dO
+    // as contiguous rows. dQ accumulates over key tiles in `dqc` and is written out once.
+    transpose_padded(p.k, ldk, seq, hd, kt, sp);
+    transpose_padded(p.v, ldv, seq, hd, vt, sp);
+    copy_rows(p.q, ldq, seq, hd, qc);
+    copy_rows(p.k, ldk, seq, hd, kc);
+    copy_rows(p.dout, lddo, seq, hd, doc);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
-    // dQ accumulates over key tiles here and is written out once.
-    let mut dqc = vec![0f32; seq * hd];
-    let mut pm = vec![0f32; BLOCK_Q * bk];
-    let mut dp = vec![0f32; BLOCK_Q * bk];
-    let mut dk_blk = vec![0f32; bk * hd];
-    let mut dv_blk = vec![0f32; bk * hd];
     for j0 in (0..seq).step_by(bk) {
         let nk = bk.min(seq - j0);
         let nkp = nk.next_multiple_of(PAD);
@@ -420,18 +416,64 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     }
 }
 
-/// One head's `seq x hd` rows copied out of a strided buffer: the tile products then stream
-/// contiguous rows instead of one row per `ld` (kilobytes apart, a TLB entry per row or two).
+/// One head's `seq x hd` rows copied out of a strided buffer into `dst`: the tile products then
+/// stream contiguous rows instead of one row per `ld` (kilobytes apart, a TLB entry per row or two).
 #[inline(always)]
-unsafe fn contiguous(src: *const f32, ld: usize, seq: usize, hd: usize) -> Vec<f32> {
-    let mut out = vec![0f32; seq * hd];
-    for (r, row) in out.chunks_exact_mut(hd).enumerate() {
+unsafe fn copy_rows(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut [f32]) {
+    for (r, row) in dst.chunks_exact_mut(hd).take(seq).enumerate() {
         // An inlined loop, not a `memcpy` call per row: rows are a few hundred bytes.
         for (d, s) in row.iter_mut().zip(std::slice::from_raw_parts(src.add(r * ld), hd)) {
             *d = *s;
         }
     }
-    out
+}
+
+/// [`tile::transpose_into`] into a reused buffer, the key columns past `seq` zeroed: padded
+/// scores are never read, but stay finite.
+#[inline(always)]
+unsafe fn transpose_padded(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut [f32], sp: usize) {
+    tile::transpose_into(src, ld, seq, hd, dst, sp);
+    for row in dst.chunks_exact_mut(sp) {
+        row[seq..].fill(0.0);
+    }
+}
+
+thread_local! {
+    /// Per-thread working memory of the head kernels, kept between calls: a fresh, zeroed
+    /// allocation per (batch, head) task cost about as much as the products at 57 tokens.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The thread's scratch buffer, taken out while a head kernel uses it (no closure around the
+/// kernel: it would not inherit the caller's `target_feature`) and put back when dropped. Its
+/// contents are stale: every part is written before it is read.
+struct Scratch(Vec<f32>);
+
+impl Scratch {
+    fn take(n: usize) -> Self {
+        let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        if v.len() < n {
+            v.resize(n, 0.0);
+        }
+        Scratch(v)
+    }
+
+    /// Consecutive disjoint parts of the given lengths.
+    fn carve<const N: usize>(&mut self, sizes: [usize; N]) -> [&mut [f32]; N] {
+        let mut rest = &mut self.0[..];
+        sizes.map(|n| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            head
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        SCRATCH.with(|s| *s.borrow_mut() = v);
+    }
 }
 
 /// `dp = p * (dp - d)` in place: the softmax backward of one row.
