@@ -24,19 +24,21 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
     accumulate: bool,
 ) {
     let mut acc = [[S::splat(0.0); NV]; R];
-    for p in 0..k {
-        let bp = b.add(p * rsb);
+    // Pointers step through k (no multiply per step); A's rows sit at fixed offsets from `ap`.
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..k {
         let mut bv = [S::splat(0.0); NV];
         for (v, x) in bv.iter_mut().enumerate() {
             *x = S::load(bp.add(v * S::LANES));
         }
-        let ap = a.add(p * csa);
         for (r, row) in acc.iter_mut().enumerate() {
             let av = S::splat(*ap.add(r * rsa));
             for v in 0..NV {
                 row[v] = S::fma(av, bv[v], row[v]);
             }
         }
+        ap = ap.add(csa);
+        bp = bp.add(rsb);
     }
     let va = S::splat(alpha);
     for (r, row) in acc.iter().enumerate() {
