@@ -89,7 +89,7 @@ pub fn gemm(
     c: &mut [f32],
     ldc: usize,
 ) -> Result<()> {
-    gemm_epilogue(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &|_, _| {})
+    gemm_epilogue(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, Fuse::NONE, &|_, _| {})
 }
 
 /// Columns per panel of a pre-packed right-hand operand ([`pack_panels`]).
@@ -129,6 +129,32 @@ pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// A Linear's bias and GELU, applied to C by the kernel as it stores its last k-block (only the
+/// packed kernel can: [`fuses_bias_gelu`]); the same bits as a separate pass over C, without one.
+/// With `out` (training keeps the pre-activation), C receives the value before GELU and `out`,
+/// laid out like C, the value after it.
+#[derive(Clone, Copy)]
+pub(crate) struct Fuse<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub gelu: bool,
+    /// Start and length of the GELU output.
+    pub out: Option<(SendPtr, usize)>,
+}
+
+impl Fuse<'_> {
+    pub(crate) const NONE: Fuse<'static> = Fuse { bias: None, gelu: false, out: None };
+
+    fn is_none(&self) -> bool {
+        self.bias.is_none() && !self.gelu
+    }
+}
+
+/// Whether the kernel that runs here applies a [`Fuse`] itself (our AVX2+FMA kernel); elsewhere
+/// callers finish C in their epilogue.
+pub(crate) fn fuses_bias_gelu() -> bool {
+    reads_panels()
+}
+
 /// The right-hand operand of a product.
 #[derive(Clone, Copy)]
 enum BOp<'a> {
@@ -164,11 +190,12 @@ pub(crate) fn gemm_epilogue(
     beta: f32,
     c: &mut [f32],
     ldc: usize,
+    fuse: Fuse,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
 ) -> Result<()> {
     let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
     check_operand("gemm", "b", br, bc, ldb, b.len())?;
-    product(ta, m, n, k, alpha, a, lda, BOp::Strided { data: b, t: tb, ld: ldb }, beta, c, ldc, epilogue)
+    product(ta, m, n, k, alpha, a, lda, BOp::Strided { data: b, t: tb, ld: ldb }, beta, c, ldc, fuse, epilogue)
 }
 
 /// `C (m x n) = alpha * op(A) (m x k) * B + beta * C` with B (`k x n`) in [`pack_panels`] layout,
@@ -186,10 +213,11 @@ pub(crate) fn gemm_panels_epilogue(
     beta: f32,
     c: &mut [f32],
     ldc: usize,
+    fuse: Fuse,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
 ) -> Result<()> {
     check_len("gemm", "packed b", panels.len(), panels_len(k, n))?;
-    product(ta, m, n, k, alpha, a, lda, BOp::Panels(panels), beta, c, ldc, epilogue)
+    product(ta, m, n, k, alpha, a, lda, BOp::Panels(panels), beta, c, ldc, fuse, epilogue)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -205,12 +233,23 @@ fn product(
     beta: f32,
     c: &mut [f32],
     ldc: usize,
+    fuse: Fuse,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
 ) -> Result<()> {
     let op = "gemm";
     let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
     check_operand(op, "a", ar, ac, lda, a.len())?;
     check_operand(op, "c", m, n, ldc, c.len())?;
+    if let Some(b) = fuse.bias {
+        check_len(op, "bias", b.len(), n)?;
+    }
+    if let Some((_, len)) = fuse.out {
+        check_operand(op, "gelu output", m, n, ldc, len)?;
+    }
+    let can_fuse = fuses_bias_gelu() && k > 0 && alpha != 0.0;
+    if !fuse.is_none() && !can_fuse {
+        return Err(TensorError::Arg { op, msg: "this kernel does not apply a bias or GELU in its store".into() });
+    }
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -218,6 +257,14 @@ fn product(
     let cp = SendPtr(c.as_mut_ptr());
     let ap = a.as_ptr() as usize;
     let kernel = kernel();
+    // The fused epilogue from column `c0` on (checked above: only with the packed kernel).
+    #[cfg(target_arch = "x86_64")]
+    let epi = |blk: &Block| super::sgemm::Epi {
+        bias: fuse.bias.map_or(std::ptr::null(), |b| b[blk.c0..].as_ptr()),
+        gelu: fuse.gelu,
+        // SAFETY: the output's extent was checked like C's.
+        out: fuse.out.map_or(std::ptr::null_mut(), |(p, _)| unsafe { p.get().add(blk.r0 * ldc + blk.c0) }),
+    };
     let run = |blk: Block| {
         let ap = ap as *const f32;
         // SAFETY: operand extents were checked above; blocks of C are disjoint.
@@ -229,7 +276,14 @@ fn product(
                 BOp::Strided { data, t, ld } => {
                     let (rsb, csb) = strides(t, ld);
                     let b0 = data.as_ptr().offset(blk.c0 as isize * csb);
-                    inner(kernel, bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc)
+                    match kernel {
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Packed => {
+                            let src = super::sgemm::BSrc::Strided { b: b0, rs: rsb, cs: csb };
+                            super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc, epi(&blk))
+                        }
+                        _ => inner(kernel, bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc),
+                    }
                 }
                 // Blocks start on a panel boundary (the split aligns columns to 16).
                 BOp::Panels(data) => {
@@ -238,7 +292,7 @@ fn product(
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Packed => {
                             let src = super::sgemm::BSrc::Panels(p0);
-                            super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc)
+                            super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc, epi(&blk))
                         }
                         // Other kernels take each panel as a strided `k x 16` matrix.
                         _ => {
@@ -309,7 +363,7 @@ unsafe fn inner(
         #[cfg(target_arch = "x86_64")]
         Kernel::Packed => {
             let src = super::sgemm::BSrc::Strided { b, rs: rsb, cs: csb };
-            super::sgemm::sgemm(m, n, k, alpha, a, rsa, csa, src, beta, c, ldc)
+            super::sgemm::sgemm(m, n, k, alpha, a, rsa, csa, src, beta, c, ldc, super::sgemm::Epi::NONE)
         }
     }
 }

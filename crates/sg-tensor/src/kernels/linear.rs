@@ -1,7 +1,9 @@
-//! `y = act(x W^T + b)` with PyTorch's `(out, in)` weight layout, the bias and the optional exact-erf
-//! GELU applied in the GEMM's epilogue while each block of y is still in cache; and its backward.
+//! `y = act(x W^T + b)` with PyTorch's `(out, in)` weight layout and its backward. The bias and
+//! the optional exact-erf GELU are applied as the GEMM stores its last k-block where the kernel can
+//! (our AVX2+FMA kernel: C is written once), elsewhere in an epilogue pass over each block of y
+//! while it is still in cache; the same operations in the same order either way.
 
-use super::gemm::{gemm, gemm_epilogue, Block, Trans};
+use super::gemm::{self, gemm, gemm_epilogue, Block, Fuse, Trans};
 use super::{gelu, math, reduce, unary_inplace_serial, Dst, Unary};
 use crate::error::{check_len, Result, TensorError};
 use crate::par::SendPtr;
@@ -26,6 +28,9 @@ fn check_dims(op: &'static str, x: usize, w: usize, bias: Option<usize>, m: usiz
 
 #[inline(always)]
 fn epilogue_rows<S: Simd>(blk: Block, ld: usize, src: *mut f32, dst: *mut f32, bias: Option<&[f32]>, act: Activation) {
+    if bias.is_none() && act == Activation::Identity {
+        return;
+    }
     let w = blk.c1 - blk.c0;
     for r in blk.r0..blk.r1 {
         // SAFETY: the block's rows and columns lie inside both buffers (checked by the caller).
@@ -41,6 +46,23 @@ fn epilogue_rows<S: Simd>(blk: Block, ld: usize, src: *mut f32, dst: *mut f32, b
                 super::unary_serial::<S, GeluOp>(&GeluOp, s, d, Dst::Overwrite);
             }
         }
+    }
+}
+
+/// Splits a Linear's bias and activation between the GEMM's store (where the kernel can apply
+/// them: [`Fuse`]) and the epilogue pass (what is left: nothing, or everything). `y`: where
+/// GELU goes when C keeps the pre-activation (training).
+fn split_epilogue<'a>(
+    k: usize,
+    bias: Option<&'a [f32]>,
+    act: Activation,
+    y: Option<(SendPtr, usize)>,
+) -> (Fuse<'a>, Option<&'a [f32]>, Activation) {
+    if gemm::fuses_bias_gelu() && k > 0 {
+        let gelu = act == Activation::Gelu;
+        (Fuse { bias, gelu, out: y.filter(|_| gelu) }, None, Activation::Identity)
+    } else {
+        (Fuse::NONE, bias, act)
     }
 }
 
@@ -71,13 +93,14 @@ pub fn forward(
     check_dims(op, x.len(), w.len(), bias.map(|b| b.len()), m, k, n)?;
     check_len(op, "y", y.len(), m * n)?;
     let isa = isa();
-    let yp = SendPtr(y.as_mut_ptr());
+    let (yp, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
     match pre {
         Some(pre) => {
             check_len(op, "pre", pre.len(), m * n)?;
             if act != Activation::Gelu {
                 return Err(TensorError::Arg { op, msg: "a pre-activation buffer needs an activation".into() });
             }
+            let (fuse, bias, act) = split_epilogue(k, bias, act, Some((yp, y_len)));
             gemm_epilogue(
                 Trans::N,
                 Trans::T,
@@ -92,25 +115,30 @@ pub fn forward(
                 0.0,
                 pre,
                 n,
+                fuse,
                 &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), yp.get(), bias, act)),
             )
         }
-        None => gemm_epilogue(
-            Trans::N,
-            Trans::T,
-            m,
-            n,
-            k,
-            1.0,
-            x,
-            k,
-            w,
-            k,
-            0.0,
-            y,
-            n,
-            &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
-        ),
+        None => {
+            let (fuse, bias, act) = split_epilogue(k, bias, act, None);
+            gemm_epilogue(
+                Trans::N,
+                Trans::T,
+                m,
+                n,
+                k,
+                1.0,
+                x,
+                k,
+                w,
+                k,
+                0.0,
+                y,
+                n,
+                fuse,
+                &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
+            )
+        }
     }
 }
 
@@ -132,7 +160,8 @@ pub fn forward_panels(
     check_len(op, "weight panels", w_panels.len(), super::gemm::panels_len(k, n))?;
     check_len(op, "y", y.len(), m * n)?;
     let isa = isa();
-    super::gemm::gemm_panels_epilogue(
+    let (fuse, bias, act) = split_epilogue(k, bias, act, None);
+    gemm::gemm_panels_epilogue(
         Trans::N,
         m,
         n,
@@ -144,6 +173,7 @@ pub fn forward_panels(
         0.0,
         y,
         n,
+        fuse,
         &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
     )
 }

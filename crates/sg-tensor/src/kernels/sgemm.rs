@@ -14,7 +14,7 @@
 //!   do not depend on the thread count.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use imp::{sgemm, BSrc};
+pub(crate) use imp::{sgemm, BSrc, Epi};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -46,10 +46,56 @@ mod imp {
         Panels(*const f32),
     }
 
+    /// What the last k-block's store applies to C's values before writing them: `+ bias[j]`
+    /// (`bias` addresses the bias of C's first column; null for none), then exact-erf GELU. The
+    /// same operations, in the same order, as a separate pass afterwards, so the same bits; but
+    /// C is written once instead of written, read back and written again.
+    /// With `out` set (training keeps the pre-activation), C receives the value before GELU and
+    /// `out` (same layout as C) the value after it.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Epi {
+        pub bias: *const f32,
+        pub gelu: bool,
+        pub out: *mut f32,
+    }
+
+    impl Epi {
+        pub(crate) const NONE: Epi = Epi { bias: std::ptr::null(), gelu: false, out: std::ptr::null_mut() };
+
+        fn is_none(&self) -> bool {
+            self.bias.is_null() && !self.gelu
+        }
+
+        /// The same epilogue for C's element `(i, j)` on (row stride `ldc`).
+        unsafe fn at(self, i: usize, j: usize, ldc: usize) -> Epi {
+            Epi {
+                bias: if self.bias.is_null() { self.bias } else { self.bias.add(j) },
+                out: if self.out.is_null() { self.out } else { self.out.add(i * ldc + j) },
+                ..self
+            }
+        }
+
+        /// Writes a finished vector: to `c`, or pre-activation to `c` and GELU to `out + off`.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store(&self, x: __m256, bias: *const f32, c: *mut f32, off: usize) {
+            let x = if self.bias.is_null() { x } else { _mm256_add_ps(x, _mm256_loadu_ps(bias)) };
+            if !self.gelu {
+                _mm256_storeu_ps(c, x);
+            } else if self.out.is_null() {
+                _mm256_storeu_ps(c, crate::kernels::math::gelu::<crate::simd::Avx2>(x));
+            } else {
+                _mm256_storeu_ps(c, x);
+                _mm256_storeu_ps(self.out.add(off), crate::kernels::math::gelu::<crate::simd::Avx2>(x));
+            }
+        }
+    }
+
     /// # Safety
     /// The CPU must support AVX2 and FMA. The pointers with their strides must address valid
     /// `m x k`, `k x n` (or its `ceil(n / 16)` panels) and `m x n` (row stride `ldc`) matrices,
-    /// and C must not overlap A or B.
+    /// and C must not overlap A or B; `epi.bias`, when set, `n` values. With an epilogue, `k > 0`
+    /// and `alpha != 0`.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn sgemm(
@@ -64,6 +110,7 @@ mod imp {
         beta: f32,
         c: *mut f32,
         ldc: usize,
+        epi: Epi,
     ) {
         if m == 0 || n == 0 {
             return;
@@ -96,6 +143,7 @@ mod imp {
                 let kcb = KC.min(k - pc);
                 // The first k-block writes C (or adds to it when beta is not 0); later ones add.
                 let accumulate = pc > 0 || beta != 0.0;
+                let epi_k = if pc + KC >= k { epi } else { Epi::NONE };
                 // Panel `jr / NR` of this block starts at `bblk + jr * bstride`.
                 let (bblk, bstride) = match b {
                     BSrc::Strided { b, rs, cs } => {
@@ -118,7 +166,7 @@ mod imp {
                             let rows = MR.min(mcb - ir);
                             let ap = pa.as_ptr().add(ir * kcb);
                             let cp = c.add((ic + ir) * ldc + jc + jr);
-                            micro(kcb, ap, bp, alpha, cp, ldc, rows, cols, accumulate);
+                            micro(kcb, ap, bp, alpha, cp, ldc, rows, cols, accumulate, epi_k.at(ic + ir, jc + jr, ldc));
                             ir += MR;
                         }
                         jr += NR;
@@ -281,6 +329,7 @@ mod imp {
         rows: usize,
         cols: usize,
         accumulate: bool,
+        epi: Epi,
     ) {
         // C's tile is needed only after the k loop: start fetching its lines now (a miss to memory
         // at the end of every tile cost 15% before this).
@@ -291,7 +340,7 @@ mod imp {
         }
         let acc = product(k, a, b);
         let va = _mm256_set1_ps(alpha);
-        if rows == MR && cols == NR {
+        if rows == MR && cols == NR && epi.is_none() {
             for r in 0..MR {
                 let p = c.add(r * ldc);
                 let (x0, x1) = (acc[2 * r], acc[2 * r + 1]);
@@ -301,6 +350,50 @@ mod imp {
                 } else {
                     _mm256_storeu_ps(p, _mm256_mul_ps(x0, va));
                     _mm256_storeu_ps(p.add(8), _mm256_mul_ps(x1, va));
+                }
+            }
+        } else if rows == MR && cols == NR {
+            for r in 0..MR {
+                let p = c.add(r * ldc);
+                let (mut x0, mut x1) = (acc[2 * r], acc[2 * r + 1]);
+                if accumulate {
+                    x0 = _mm256_fmadd_ps(x0, va, _mm256_loadu_ps(p));
+                    x1 = _mm256_fmadd_ps(x1, va, _mm256_loadu_ps(p.add(8)));
+                } else {
+                    x0 = _mm256_mul_ps(x0, va);
+                    x1 = _mm256_mul_ps(x1, va);
+                }
+                epi.store(x0, epi.bias, p, r * ldc);
+                epi.store(x1, epi.bias.wrapping_add(8), p.add(8), r * ldc + 8);
+            }
+        } else if !epi.is_none() {
+            // A ragged edge with an epilogue: the tile's valid part, finished, goes through a
+            // buffer so that the epilogue still runs on whole vectors (the same bits as inside).
+            let mut tile = [0f32; MR * NR];
+            let mut bias = [0f32; NR];
+            if !epi.bias.is_null() {
+                std::ptr::copy_nonoverlapping(epi.bias, bias.as_mut_ptr(), cols);
+            }
+            for (r, pair) in acc.chunks_exact(2).enumerate() {
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), _mm256_mul_ps(pair[0], va));
+                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), _mm256_mul_ps(pair[1], va));
+            }
+            // Finished rows of the tile (and their GELU, when it goes elsewhere) land in buffers
+            // first; only the valid part is copied out.
+            let mut act = [0f32; MR * NR];
+            let local = Epi { out: if epi.out.is_null() { epi.out } else { act.as_mut_ptr() }, ..epi };
+            for r in 0..rows {
+                let (p, t) = (c.add(r * ldc), tile.as_mut_ptr().add(r * NR));
+                if accumulate {
+                    for j in 0..cols {
+                        *t.add(j) += *p.add(j);
+                    }
+                }
+                local.store(_mm256_loadu_ps(t), bias.as_ptr(), t, r * NR);
+                local.store(_mm256_loadu_ps(t.add(8)), bias.as_ptr().add(8), t.add(8), r * NR + 8);
+                std::ptr::copy_nonoverlapping(t, p, cols);
+                if !epi.out.is_null() {
+                    std::ptr::copy_nonoverlapping(act.as_ptr().add(r * NR), epi.out.add(r * ldc), cols);
                 }
             }
         } else {
