@@ -117,7 +117,10 @@ fn packed_weights_cross_cache_blocks_and_thread_splits() {
             assert!(e <= 1e-6, "{isa:?} {m}x{k}x{n} err {e}");
         });
     }
-    // A panel buffer of the wrong length is an error naming it.
+    // Empty weights pack to nothing (no panic), and
+    assert!(gemm::pack_panels(&[], 0, 5).unwrap().is_empty());
+    assert!(gemm::pack_panels(&[], 4, 0).unwrap().is_empty());
+    // a panel buffer of the wrong length is an error naming it.
     let mut y = vec![0.0; 4];
     let e = linear::forward_panels(&[0.0; 6], &[0.0; 6], None, 2, 3, 2, Activation::Identity, &mut y).unwrap_err();
     assert!(e.to_string().contains("weight panels"), "{e}");

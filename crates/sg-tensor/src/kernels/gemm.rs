@@ -4,6 +4,8 @@
 //! a pool inside a pool): on AVX2+FMA our packed kernel ([`super::sgemm`], 85-92 GFLOP/s on one
 //! core against `matrixmultiply`'s 74-84 at ViT-B shapes), elsewhere `matrixmultiply` (its own
 //! run-time choice of AVX, SSE2 or NEON; `SG_GEMM=mm` selects it on AVX2 too, for A/B runs).
+//! Inference can hand B over already packed ([`pack_panels`], once per weight), and a Linear's bias
+//! and GELU can ride along into the packed kernel's final store (`Fuse`).
 //! `beta = 1` accumulates straight into a gradient buffer. Each element of C is summed over k in the
 //! same blocks whatever the split, so results do not depend on the thread count.
 
@@ -118,6 +120,9 @@ pub fn panels_len(k: usize, n: usize) -> usize {
 pub fn pack_panels(w: &[f32], n: usize, k: usize) -> Result<Vec<f32>> {
     check_min_len("pack_panels", "w", w.len(), n * k)?;
     let mut out = vec![0.0; panels_len(k, n)];
+    if out.is_empty() {
+        return Ok(out);
+    }
     for (q, panel) in out.chunks_exact_mut(PANEL * k).enumerate() {
         for j in 0..PANEL.min(n - q * PANEL) {
             let row = &w[(q * PANEL + j) * k..(q * PANEL + j + 1) * k];

@@ -10,6 +10,8 @@
 //!   GFLOP/s on the project machine (peak about 100).
 //! - C's tile is prefetched before the k loop: without it every tile's first touch missed to
 //!   memory at the end of the loop (about 15% of the whole product).
+//! - B may arrive already in panels (pre-packed inference weights: `BSrc::Panels`), read in place.
+//! - The last k-block's store can add a bias and apply GELU (`Epi`), so a Linear writes y once.
 //! - Each element of C is summed over k in the same blocks whatever the caller's split, so results
 //!   do not depend on the thread count.
 
