@@ -126,7 +126,10 @@ mod imp {
         // The buffers leave the thread-local while in use: a closure would not inherit this
         // function's `target_feature`, and every intrinsic in it would become a call.
         let (mut pa, mut pb) = PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
-        let need_a = MC.div_ceil(MR) * MR * KC;
+        // Up to 264 rows (batch-1 inference: 256 tokens) A goes in as one block (at most 264 KiB,
+        // half of L2), so each panel of B is streamed once instead of once per 120 rows.
+        let mc = if m <= 264 { m.next_multiple_of(MR) } else { MC };
+        let need_a = mc.div_ceil(MR) * MR * KC;
         let need_b = match b {
             BSrc::Strided { .. } => NC.min(n.div_ceil(NR) * NR) * KC.min(k),
             BSrc::Panels(_) => 0,
@@ -156,7 +159,7 @@ mod imp {
                 };
                 let mut ic = 0;
                 while ic < m {
-                    let mcb = MC.min(m - ic);
+                    let mcb = mc.min(m - ic);
                     // A's block goes in transposed: its columns become the packed operand's steps.
                     pack::<MR>(kcb, mcb, a.offset(ic as isize * rsa + pc as isize * csa), csa, rsa, pa.as_mut_ptr());
                     let mut jr = 0;
@@ -173,7 +176,7 @@ mod imp {
                         }
                         jr += NR;
                     }
-                    ic += MC;
+                    ic += mc;
                 }
                 pc += KC;
             }
