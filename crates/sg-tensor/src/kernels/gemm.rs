@@ -1,7 +1,7 @@
 //! Matrix products `C = alpha * op(A) op(B) + beta * C` in row-major storage, every transpose layout.
 //!
 //! The inner product runs single-threaded on blocks of C that rayon spreads over the one pool (never
-//! a pool inside a pool): on AVX2+FMA our packed kernel ([`super::sgemm`], 85-92 GFLOP/s on one
+//! a pool inside a pool): on AVX2+FMA our packed kernel (`sgemm.rs`, 85-92 GFLOP/s on one
 //! core against `matrixmultiply`'s 74-84 at ViT-B shapes), elsewhere `matrixmultiply` (its own
 //! run-time choice of AVX, SSE2 or NEON; `SG_GEMM=mm` selects it on AVX2 too, for A/B runs).
 //! Inference can hand B over already packed ([`pack_panels`], once per weight), and a Linear's bias
