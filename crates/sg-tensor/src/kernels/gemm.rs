@@ -277,50 +277,30 @@ fn product(
             let a0 = ap.offset(blk.r0 as isize * rsa);
             let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
             let (bm, bn) = (blk.r1 - blk.r0, blk.c1 - blk.c0);
-            match b {
-                BOp::Strided { data, t, ld } => {
+            match (kernel, b) {
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Packed, b) => {
+                    let src = match b {
+                        BOp::Strided { data, t, ld } => {
+                            let (rs, cs) = strides(t, ld);
+                            super::sgemm::BSrc::Strided { b: data.as_ptr().offset(blk.c0 as isize * cs), rs, cs }
+                        }
+                        // Blocks start on a panel boundary (the split aligns columns to 16).
+                        BOp::Panels(data) => super::sgemm::BSrc::Panels(data.as_ptr().add(blk.c0 * k)),
+                    };
+                    super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc, epi(&blk))
+                }
+                (_, BOp::Strided { data, t, ld }) => {
                     let (rsb, csb) = strides(t, ld);
                     let b0 = data.as_ptr().offset(blk.c0 as isize * csb);
-                    match kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::Packed => {
-                            let src = super::sgemm::BSrc::Strided { b: b0, rs: rsb, cs: csb };
-                            super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc, epi(&blk))
-                        }
-                        _ => inner(kernel, bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc),
-                    }
+                    portable(kernel, bm, bn, k, alpha, a0, rsa, csa, b0, rsb, csb, beta, c0, ldc)
                 }
-                // Blocks start on a panel boundary (the split aligns columns to 16).
-                BOp::Panels(data) => {
+                // Other kernels take each panel as a strided `k x 16` matrix.
+                (_, BOp::Panels(data)) => {
                     let p0 = data.as_ptr().add(blk.c0 * k);
-                    match kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::Packed => {
-                            let src = super::sgemm::BSrc::Panels(p0);
-                            super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc, epi(&blk))
-                        }
-                        // Other kernels take each panel as a strided `k x 16` matrix.
-                        _ => {
-                            for (q, j0) in (0..bn).step_by(PANEL).enumerate() {
-                                let (w, bq) = (PANEL.min(bn - j0), p0.add(q * PANEL * k));
-                                inner(
-                                    kernel,
-                                    bm,
-                                    w,
-                                    k,
-                                    alpha,
-                                    a0,
-                                    rsa,
-                                    csa,
-                                    bq,
-                                    PANEL as isize,
-                                    1,
-                                    beta,
-                                    c0.add(j0),
-                                    ldc,
-                                )
-                            }
-                        }
+                    for (q, j0) in (0..bn).step_by(PANEL).enumerate() {
+                        let (w, bq) = (PANEL.min(bn - j0), p0.add(q * PANEL * k));
+                        portable(kernel, bm, w, k, alpha, a0, rsa, csa, bq, PANEL as isize, 1, beta, c0.add(j0), ldc)
                     }
                 }
             }
@@ -339,12 +319,13 @@ fn product(
     Ok(())
 }
 
-/// One block's product on a strided B.
+/// One block's product on a strided B by a kernel other than ours: the scalar loops or
+/// `matrixmultiply`.
 ///
 /// # Safety
 /// As for [`reference::gemm_raw`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn inner(
+unsafe fn portable(
     kernel: Kernel,
     m: usize,
     n: usize,
@@ -360,16 +341,10 @@ unsafe fn inner(
     c: *mut f32,
     ldc: usize,
 ) {
-    match kernel {
-        Kernel::Scalar => reference::gemm_raw(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc as isize),
-        Kernel::MatrixMultiply => {
-            matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc as isize, 1)
-        }
-        #[cfg(target_arch = "x86_64")]
-        Kernel::Packed => {
-            let src = super::sgemm::BSrc::Strided { b, rs: rsb, cs: csb };
-            super::sgemm::sgemm(m, n, k, alpha, a, rsa, csa, src, beta, c, ldc, super::sgemm::Epi::NONE)
-        }
+    if kernel == Kernel::Scalar {
+        reference::gemm_raw(m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc as isize)
+    } else {
+        matrixmultiply::sgemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, ldc as isize, 1)
     }
 }
 
