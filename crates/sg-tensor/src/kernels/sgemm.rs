@@ -64,10 +64,6 @@ mod imp {
     impl Epi {
         pub(crate) const NONE: Epi = Epi { bias: std::ptr::null(), gelu: false, out: std::ptr::null_mut() };
 
-        fn is_none(&self) -> bool {
-            self.bias.is_null() && !self.gelu
-        }
-
         /// The same epilogue for C's element `(i, j)` on (row stride `ldc`).
         unsafe fn at(self, i: usize, j: usize, ldc: usize) -> Epi {
             Epi {
@@ -345,19 +341,7 @@ mod imp {
         }
         let acc = product(k, a, b);
         let va = _mm256_set1_ps(alpha);
-        if rows == MR && cols == NR && epi.is_none() {
-            for r in 0..MR {
-                let p = c.add(r * ldc);
-                let (x0, x1) = (acc[2 * r], acc[2 * r + 1]);
-                if accumulate {
-                    _mm256_storeu_ps(p, _mm256_fmadd_ps(x0, va, _mm256_loadu_ps(p)));
-                    _mm256_storeu_ps(p.add(8), _mm256_fmadd_ps(x1, va, _mm256_loadu_ps(p.add(8))));
-                } else {
-                    _mm256_storeu_ps(p, _mm256_mul_ps(x0, va));
-                    _mm256_storeu_ps(p.add(8), _mm256_mul_ps(x1, va));
-                }
-            }
-        } else if rows == MR && cols == NR {
+        if rows == MR && cols == NR {
             for r in 0..MR {
                 let p = c.add(r * ldc);
                 let (mut x0, mut x1) = (acc[2 * r], acc[2 * r + 1]);
@@ -371,9 +355,10 @@ mod imp {
                 epi.store(x0, epi.bias, p, r * ldc);
                 epi.store(x1, epi.bias.wrapping_add(8), p.add(8), r * ldc + 8);
             }
-        } else if !epi.is_none() {
-            // A ragged edge with an epilogue: the tile's valid part, finished, goes through a
-            // buffer so that the epilogue still runs on whole vectors (the same bits as inside).
+        } else {
+            // A ragged edge: the padded tile is finished in a buffer (with the epilogue, if any,
+            // still on whole vectors: the same bits as inside), and only its valid part is copied
+            // out, to C and, when GELU goes elsewhere, to `out`.
             let mut tile = [0f32; MR * NR];
             let mut bias = [0f32; NR];
             if !epi.bias.is_null() {
@@ -383,8 +368,6 @@ mod imp {
                 _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), _mm256_mul_ps(pair[0], va));
                 _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), _mm256_mul_ps(pair[1], va));
             }
-            // Finished rows of the tile (and their GELU, when it goes elsewhere) land in buffers
-            // first; only the valid part is copied out.
             let mut act = [0f32; MR * NR];
             let local = Epi { out: if epi.out.is_null() { epi.out } else { act.as_mut_ptr() }, ..epi };
             for r in 0..rows {
@@ -399,20 +382,6 @@ mod imp {
                 std::ptr::copy_nonoverlapping(t, p, cols);
                 if !epi.out.is_null() {
                     std::ptr::copy_nonoverlapping(act.as_ptr().add(r * NR), epi.out.add(r * ldc), cols);
-                }
-            }
-        } else {
-            // A ragged edge: the padded tile goes through a buffer; only its valid part reaches C.
-            let mut tile = [0f32; MR * NR];
-            for (r, pair) in acc.chunks_exact(2).enumerate() {
-                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR), _mm256_mul_ps(pair[0], va));
-                _mm256_storeu_ps(tile.as_mut_ptr().add(r * NR + 8), _mm256_mul_ps(pair[1], va));
-            }
-            for r in 0..rows {
-                let p = c.add(r * ldc);
-                for j in 0..cols {
-                    let v = tile[r * NR + j];
-                    *p.add(j) = if accumulate { *p.add(j) + v } else { v };
                 }
             }
         }
