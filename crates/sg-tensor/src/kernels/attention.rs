@@ -359,13 +359,14 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
         let b = std::slice::from_raw_parts(p.o.add(i * ldo), hd);
         *d = dot_serial::<S>(a, b);
     }
-    // K^T and V^T of this head, once, for the two products over the head dimension; Q, K and dO
-    // as contiguous rows. dQ accumulates over key tiles in `dqc` and is written out once.
-    transpose_padded(p.k, ldk, seq, hd, kt, sp);
-    transpose_padded(p.v, ldv, seq, hd, vt, sp);
+    // Q, K and dO as contiguous rows, and K^T and V^T of this head, once, for the two products over
+    // the head dimension (K^T from K's copy: the strided rows are read once). dQ accumulates over
+    // key tiles in `dqc` and is written out once.
     copy_rows(p.q, ldq, seq, hd, qc);
     copy_rows(p.k, ldk, seq, hd, kc);
     copy_rows(p.dout, lddo, seq, hd, doc);
+    transpose_padded(kc.as_ptr(), hd, seq, hd, kt, sp);
+    transpose_padded(p.v, ldv, seq, hd, vt, sp);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
     for j0 in (0..seq).step_by(bk) {
         let nk = bk.min(seq - j0);
