@@ -221,7 +221,6 @@ pub mod fwd {
         Ok(value(be.relu(&x.buf)?, x.shape.clone()))
     }
 
-    #[allow(clippy::type_complexity)]
     /// [`linear`] for inference with a weight the backend packed ([`Eval::packed`]).
     pub fn linear_packed<B: Backend>(
         be: &B,
@@ -233,9 +232,14 @@ pub mod fwd {
     ) -> Result<Value<B>> {
         let (m, k, n) = linear_dims(x, w, b)?;
         let y = be.linear_packed(&x.buf, slice(params, w), b.map(|b| slice(params, b)), m, k, n, act)?;
+        Ok(value(y, linear_shape(x, n)))
+    }
+
+    /// `x`'s shape with the last axis `n` wide: a Linear's output.
+    fn linear_shape<B: Backend>(x: &Value<B>, n: usize) -> Vec<usize> {
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("rows_cols checked") = n;
-        Ok(value(y, shape))
+        shape
     }
 
     fn linear_dims<B: Backend>(x: &Value<B>, w: &ParamRef, b: Option<&ParamRef>) -> Result<(usize, usize, usize)> {
@@ -264,9 +268,7 @@ pub mod fwd {
     ) -> Result<(Value<B>, Option<B::Buf>)> {
         let (m, k, n) = linear_dims(x, w, b)?;
         let (y, pre) = be.linear(&x.buf, slice(params, w), b.map(|b| slice(params, b)), m, k, n, act, keep)?;
-        let mut shape = x.shape.clone();
-        *shape.last_mut().expect("rows_cols checked") = n;
-        Ok((value(y, shape), pre))
+        Ok((value(y, linear_shape(x, n)), pre))
     }
 
     #[allow(clippy::type_complexity)]
