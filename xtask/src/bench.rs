@@ -138,23 +138,20 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             if half.is_some() {
                 store = ParamStore::new();
             }
-            // f32: the Linear weights rearranged once for the GEMM, as a deployment would load them.
-            let mut packed = match (&half, stored) {
-                (None, false) => Some(Eval::packed(Cpu, std::mem::take(&mut store), &model.linear_weights())?),
-                _ => None,
+            // One executor for every step. f32: the Linear weights rearranged once for the GEMM, as a
+            // deployment would load them (`--stored-weights`: as stored).
+            let mut e = match (&half, stored) {
+                (Some(h), _) => Eval::half(Cpu, h),
+                (None, true) => Eval::new(Cpu, &store),
+                (None, false) => Eval::packed(Cpu, std::mem::take(&mut store), &model.linear_weights())?,
             };
             let (l, td) = (cfg.tokens(), cfg.token_dim());
             for s in 0..=steps {
                 let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.normal() as f32).collect();
                 let t0 = Instant::now();
                 let tokens = model.tokens(&x, batch)?;
-                let mut fresh = match &half {
-                    Some(h) => Eval::half(Cpu, h),
-                    None => Eval::new(Cpu, &store),
-                };
-                let e = packed.as_mut().unwrap_or(&mut fresh);
                 let t = e.constant(&tokens, &[batch, l, td])?;
-                let logits = model.logits(e, &t)?;
+                let logits = model.logits(&mut e, &t)?;
                 std::hint::black_box(&logits);
                 if s > 0 {
                     times.push(t0.elapsed().as_secs_f64());
