@@ -147,6 +147,19 @@ pub trait Simd: Copy + 'static {
     fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
     fn reduce_sum(a: Self::V) -> f32;
     fn reduce_max(a: Self::V) -> f32;
+    /// `dst[j * ldd + i] = src[i * lds + j]` for `i, j < LANES`: one square block transposed.
+    ///
+    /// # Safety
+    /// Both blocks must be valid (`LANES` rows of `LANES` floats at the given row strides) and
+    /// must not overlap.
+    #[inline(always)]
+    unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+        for i in 0..Self::LANES {
+            for j in 0..Self::LANES {
+                *dst.add(j * ldd + i) = *src.add(i * lds + j);
+            }
+        }
+    }
 }
 
 /// One lane: the tail handler and the `Isa::Scalar` kernels.
@@ -335,6 +348,8 @@ fn bytemuck_cast(bits: wide::i32x8) -> wide::f32x8 {
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::transpose8;
+#[cfg(target_arch = "x86_64")]
 pub use avx2::Avx2;
 
 #[cfg(target_arch = "x86_64")]
@@ -441,6 +456,49 @@ mod avx2 {
                 let s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
                 _mm_cvtss_f32(s)
             }
+        }
+        #[inline(always)]
+        unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, x) in r.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(src.add(i * lds));
+            }
+            for (j, x) in transpose8(r).iter().enumerate() {
+                _mm256_storeu_ps(dst.add(j * ldd), *x);
+            }
+        }
+    }
+
+    /// Transpose of an 8 x 8 block held as eight rows (unpack pairs, shuffle quads, swap halves).
+    #[inline(always)]
+    pub(crate) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        unsafe {
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ]
         }
     }
 }

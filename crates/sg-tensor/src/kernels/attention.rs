@@ -204,10 +204,16 @@ unsafe fn forward_head<S: Simd>(
     let sp = seq.next_multiple_of(PAD);
     let mut scratch = Scratch::take(hd * sp + 2 * seq * hd + BLOCK_Q * bk + BLOCK_Q * hd);
     let [kt, qc, vc, sc, acc] = scratch.carve([hd * sp, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * hd]);
-    transpose_padded(k, ldk, seq, hd, kt, sp);
-    copy_rows(q, ldq, seq, hd, qc);
-    copy_rows(v, ldv, seq, hd, vc);
-    let (q, ldq, v, ldv) = (qc.as_ptr(), hd, vc.as_ptr(), hd);
+    transpose_padded::<S>(k, ldk, seq, hd, kt, sp);
+    // A short sequence's rows are read in place (each once per product, few enough pages); a
+    // long one's are copied out, as in the backward, which reads them more often.
+    let (q, ldq, v, ldv) = if seq <= BLOCK_Q {
+        (q, ldq, v, ldv)
+    } else {
+        copy_rows(q, ldq, seq, hd, qc);
+        copy_rows(v, ldv, seq, hd, vc);
+        (qc.as_ptr(), hd, vc.as_ptr(), hd)
+    };
     let mut m = [0f32; BLOCK_Q];
     let mut l = [0f32; BLOCK_Q];
     for i0 in (0..seq).step_by(BLOCK_Q) {
@@ -361,16 +367,25 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     }
     // Q, K and dO as contiguous rows, and K^T and V^T of this head, once, for the two products over
     // the head dimension (K^T from K's copy: the strided rows are read once). dQ accumulates over
-    // key tiles in `dqc` and is written out once.
+    // key tiles in `dqc` and is written out once. With a single tile (short sequences) a gradient
+    // is final after one product, which then writes it in place.
+    let one_key_tile = seq <= bk;
+    let (dqp, lddqp) = if one_key_tile { (p.dq, lddq) } else { (dqc.as_mut_ptr(), hd) };
+    let one_query_block = seq <= BLOCK_Q;
     copy_rows(p.q, ldq, seq, hd, qc);
     copy_rows(p.k, ldk, seq, hd, kc);
     copy_rows(p.dout, lddo, seq, hd, doc);
-    transpose_padded(kc.as_ptr(), hd, seq, hd, kt, sp);
-    transpose_padded(p.v, ldv, seq, hd, vt, sp);
+    transpose_padded::<S>(kc.as_ptr(), hd, seq, hd, kt, sp);
+    transpose_padded::<S>(p.v, ldv, seq, hd, vt, sp);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
     for j0 in (0..seq).step_by(bk) {
         let nk = bk.min(seq - j0);
         let nkp = nk.next_multiple_of(PAD);
+        let ((dkp, lddkp), (dvp, lddvp)) = if one_query_block {
+            ((p.dk.add(j0 * lddk), lddk), (p.dv.add(j0 * lddv), lddv))
+        } else {
+            ((dk_blk.as_mut_ptr(), hd), (dv_blk.as_mut_ptr(), hd))
+        };
         for i0 in (0..seq).step_by(BLOCK_Q) {
             let bq = BLOCK_Q.min(seq - i0);
             let first = i0 == 0;
@@ -381,7 +396,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 exp_shift_sum::<S>(&mut pm[r * nkp..r * nkp + nk], lse[i0 + r]);
             }
             // dV_j (=|+=) P^T dO_i.
-            tile::matmul::<S>(nk, hd, bq, 1.0, pm.as_ptr(), 1, nkp, doi, lddo, dv_blk.as_mut_ptr(), hd, !first);
+            tile::matmul::<S>(nk, hd, bq, 1.0, pm.as_ptr(), 1, nkp, doi, lddo, dvp, lddvp, !first);
             // dP = dO_i V_j^T; dS = P * (dP - D_i).
             tile::matmul::<S>(bq, nkp, hd, 1.0, doi, lddo, 1, vt.as_ptr().add(j0), sp, dp.as_mut_ptr(), nkp, false);
             for r in 0..bq {
@@ -399,21 +414,19 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 1,
                 pk.add(j0 * ldk),
                 ldk,
-                dqc.as_mut_ptr().add(i0 * hd),
-                hd,
+                dqp.add(i0 * lddqp),
+                lddqp,
                 j0 > 0,
             );
-            tile::matmul::<S>(nk, hd, bq, scale, dp.as_ptr(), 1, nkp, qi, ldq, dk_blk.as_mut_ptr(), hd, !first);
+            tile::matmul::<S>(nk, hd, bq, scale, dp.as_ptr(), 1, nkp, qi, ldq, dkp, lddkp, !first);
         }
-        for r in 0..nk {
-            std::slice::from_raw_parts_mut(p.dk.add((j0 + r) * lddk), hd)
-                .copy_from_slice(&dk_blk[r * hd..(r + 1) * hd]);
-            std::slice::from_raw_parts_mut(p.dv.add((j0 + r) * lddv), hd)
-                .copy_from_slice(&dv_blk[r * hd..(r + 1) * hd]);
+        if !one_query_block {
+            store_rows(dk_blk, hd, nk, p.dk.add(j0 * lddk), lddk);
+            store_rows(dv_blk, hd, nk, p.dv.add(j0 * lddv), lddv);
         }
     }
-    for r in 0..seq {
-        std::slice::from_raw_parts_mut(p.dq.add(r * lddq), hd).copy_from_slice(&dqc[r * hd..(r + 1) * hd]);
+    if !one_key_tile {
+        store_rows(dqc, hd, seq, p.dq, lddq);
     }
 }
 
@@ -429,11 +442,21 @@ unsafe fn copy_rows(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut
     }
 }
 
+/// The inverse of [`copy_rows`]: `seq` contiguous rows of `hd` written out at row stride `ld`.
+#[inline(always)]
+unsafe fn store_rows(src: &[f32], hd: usize, seq: usize, dst: *mut f32, ld: usize) {
+    for (r, row) in src.chunks_exact(hd).take(seq).enumerate() {
+        for (d, s) in std::slice::from_raw_parts_mut(dst.add(r * ld), hd).iter_mut().zip(row) {
+            *d = *s;
+        }
+    }
+}
+
 /// [`tile::transpose_into`] into a reused buffer, the key columns past `seq` zeroed: padded
 /// scores are never read, but stay finite.
 #[inline(always)]
-unsafe fn transpose_padded(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut [f32], sp: usize) {
-    tile::transpose_into(src, ld, seq, hd, dst, sp);
+unsafe fn transpose_padded<S: Simd>(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut [f32], sp: usize) {
+    tile::transpose_into::<S>(src, ld, seq, hd, dst, sp);
     for row in dst.chunks_exact_mut(sp) {
         row[seq..].fill(0.0);
     }

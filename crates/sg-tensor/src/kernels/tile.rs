@@ -130,18 +130,33 @@ pub(crate) unsafe fn matmul<S: Simd>(
 ///
 /// # Safety
 /// `src` must address `rows x cols` with row stride `lds`, and `dst` hold `(cols - 1) * ld + rows`.
-pub(crate) unsafe fn transpose_into(src: *const f32, lds: usize, rows: usize, cols: usize, dst: &mut [f32], ld: usize) {
+#[inline(always)]
+pub(crate) unsafe fn transpose_into<S: Simd>(
+    src: *const f32,
+    lds: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [f32],
+    ld: usize,
+) {
     debug_assert!(cols == 0 || rows == 0 || dst.len() >= (cols - 1) * ld + rows);
     let dp = dst.as_mut_ptr();
-    // Blocks of 8 keys: each source row is read once, contiguously; the block's 8 destination
-    // rows stay in cache while it is written.
-    for j0 in (0..rows).step_by(8) {
-        let jn = (j0 + 8).min(rows);
-        for d in 0..cols {
-            let o = dp.add(d * ld);
-            for j in j0..jn {
-                *o.add(j) = *src.add(j * lds + d);
+    let l = S::LANES;
+    // Square blocks through registers; the ragged right and bottom edges element by element.
+    let (rb, cb) = (rows - rows % l, cols - cols % l);
+    for j0 in (0..rb).step_by(l) {
+        for d0 in (0..cb).step_by(l) {
+            S::transpose_block(src.add(j0 * lds + d0), lds, dp.add(d0 * ld + j0), ld);
+        }
+        for d in cb..cols {
+            for j in j0..j0 + l {
+                *dp.add(d * ld + j) = *src.add(j * lds + d);
             }
+        }
+    }
+    for j in rb..rows {
+        for d in 0..cols {
+            *dp.add(d * ld + j) = *src.add(j * lds + d);
         }
     }
 }
