@@ -147,6 +147,12 @@ pub trait Simd: Copy + 'static {
     fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
     fn reduce_sum(a: Self::V) -> f32;
     fn reduce_max(a: Self::V) -> f32;
+    /// A hint to bring the cache line holding `p` closer (no effect where the lanes have none).
+    /// Never faults, whatever the address.
+    #[inline(always)]
+    fn prefetch(p: *const f32) {
+        let _ = p;
+    }
     /// `dst[j * ldd + i] = src[i * lds + j]` for `i, j < LANES`: one square block transposed.
     ///
     /// # Safety
@@ -456,6 +462,11 @@ mod avx2 {
                 let s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
                 _mm_cvtss_f32(s)
             }
+        }
+        #[inline(always)]
+        fn prefetch(p: *const f32) {
+            // SAFETY: a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) }
         }
         #[inline(always)]
         unsafe fn transpose_block(src: *const f32, lds: usize, dst: *mut f32, ldd: usize) {

@@ -129,10 +129,42 @@ pub fn forward(
             let vh = v.data.as_ptr().add(base(v.ld));
             let oh = op_.get().add(base(ld_out));
             let lh = lse_ptr.map(|p| p.get().add(t * s.seq));
-            crate::dispatch!(isa, forward_head[](&s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh))
+            // The task this thread most likely runs next (rayon hands out ranges of tasks), for
+            // short sequences (longer ones measured no better: a head's data fills L2 itself).
+            let next = (t + 1 < tasks && s.seq <= BLOCK_Q).then(|| {
+                let nb = |d: &[f32], ld: usize| d.as_ptr().add(base(ld) + next_offset(&s, t, ld));
+                let no = op_.get().add(base(ld_out) + next_offset(&s, t, ld_out)) as *const f32;
+                [nb(q.data, q.ld), nb(k.data, k.ld), nb(v.data, v.ld), no]
+            });
+            crate::dispatch!(isa, forward_head[](&s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh, next))
         }
     });
     Ok(())
+}
+
+/// How far task `t + 1`'s head starts from task `t`'s, in a buffer of row stride `ld`: the next
+/// head's columns, or the next batch's first head.
+fn next_offset(s: &AttnShape, t: usize, ld: usize) -> usize {
+    if (t + 1) % s.heads != 0 {
+        s.head_dim
+    } else {
+        s.seq * ld - (s.heads - 1) * s.head_dim
+    }
+}
+
+/// Prefetches row `r` of each of the next task's operands (row strides `ld`), `hd` values each. At
+/// short sequences a head's few rows come from L3 as the head starts (the forward at 57 tokens ran
+/// 10-30% faster on L2-resident data); touched during the previous head, they are closer.
+#[inline(always)]
+unsafe fn prefetch_row<S: Simd, const N: usize>(next: &Option<[*const f32; N]>, ld: &[usize; N], r: usize, hd: usize) {
+    if let Some(ptrs) = next {
+        for (p, &ld) in ptrs.iter().zip(ld) {
+            // One touch per 64-byte line.
+            for d in (0..hd).step_by(16) {
+                S::prefetch(p.wrapping_add(r * ld + d));
+            }
+        }
+    }
 }
 
 /// Score rows are padded to this many columns, so the tile kernel never falls back to scalar columns.
@@ -197,6 +229,7 @@ unsafe fn forward_head<S: Simd>(
     out: *mut f32,
     ldo: usize,
     lse: Option<*mut f32>,
+    next: Option<[*const f32; 4]>,
 ) {
     let (seq, hd) = (s.seq, s.head_dim);
     let bk = key_block(seq);
@@ -207,6 +240,7 @@ unsafe fn forward_head<S: Simd>(
     transpose_padded::<S>(k, ldk, seq, hd, kt, sp);
     // A short sequence's rows are read in place (each once per product, few enough pages); a
     // long one's are copied out, as in the backward, which reads them more often.
+    let (ldq0, ldv0) = (ldq, ldv);
     let (q, ldq, v, ldv) = if seq <= BLOCK_Q {
         (q, ldq, v, ldv)
     } else {
@@ -238,6 +272,9 @@ unsafe fn forward_head<S: Simd>(
                 false,
             );
             for r in 0..bq {
+                if first {
+                    prefetch_row::<S, 4>(&next, &[ldq0, ldk, ldv0, ldo], i0 + r, hd);
+                }
                 let row = &mut sc[r * nkp..r * nkp + nk];
                 let mx = super::reduce::max_serial::<S>(row);
                 let m_new = if first { mx } else { m[r].max(mx) };
@@ -329,8 +366,22 @@ pub fn backward(
                 dv: dv.get().add(base(lddv)),
                 ld: [q.ld, k.ld, v.ld, o.ld, dout.ld, lddq, lddk, lddv],
             };
+            let next = (t + 1 < tasks && s.seq <= BLOCK_Q).then(|| {
+                let nb = |d: &[f32], ld: usize| d.as_ptr().add(base(ld) + next_offset(&s, t, ld));
+                let ng = |p: SendPtr, ld: usize| p.get().add(base(ld) + next_offset(&s, t, ld)) as *const f32;
+                [
+                    nb(q.data, q.ld),
+                    nb(k.data, k.ld),
+                    nb(v.data, v.ld),
+                    nb(o.data, o.ld),
+                    nb(dout.data, dout.ld),
+                    ng(dq, lddq),
+                    ng(dk, lddk),
+                    ng(dv, lddv),
+                ]
+            });
             let lse_h = &lse[t * s.seq..(t + 1) * s.seq];
-            crate::dispatch!(isa, backward_head[](&s, &ptrs, lse_h, scale))
+            crate::dispatch!(isa, backward_head[](&s, &ptrs, lse_h, scale, next))
         }
     });
     Ok(())
@@ -350,7 +401,7 @@ struct HeadPtrs {
 }
 
 #[inline(always)]
-unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale: f32) {
+unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale: f32, next: Option<[*const f32; 8]>) {
     let (seq, hd) = (s.seq, s.head_dim);
     let [ldq, ldk, ldv, ldo, lddo, lddq, lddk, lddv] = p.ld;
     let bk = key_block(seq);
@@ -393,6 +444,9 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
             // P = exp(scale * Q_i K_j^T - lse_i).
             tile::matmul::<S>(bq, nkp, hd, scale, qi, ldq, 1, kt.as_ptr().add(j0), sp, pm.as_mut_ptr(), nkp, false);
             for r in 0..bq {
+                if j0 == 0 {
+                    prefetch_row::<S, 8>(&next, &p.ld, i0 + r, hd);
+                }
                 exp_shift_sum::<S>(&mut pm[r * nkp..r * nkp + nk], lse[i0 + r]);
             }
             // dV_j (=|+=) P^T dO_i.
