@@ -129,9 +129,8 @@ pub fn forward(
             let vh = v.data.as_ptr().add(base(v.ld));
             let oh = op_.get().add(base(ld_out));
             let lh = lse_ptr.map(|p| p.get().add(t * s.seq));
-            // The task this thread most likely runs next (rayon hands out ranges of tasks), for
-            // short sequences (longer ones measured no better: a head's data fills L2 itself).
-            let next = (t + 1 < tasks && s.seq <= BLOCK_Q).then(|| {
+            // The task this thread most likely runs next (rayon hands out ranges of tasks).
+            let next = (t + 1 < tasks && s.seq <= PREFETCH_SEQ).then(|| {
                 let nb = |d: &[f32], ld: usize| d.as_ptr().add(base(ld) + next_offset(&s, t, ld));
                 let no = op_.get().add(base(ld_out) + next_offset(&s, t, ld_out)) as *const f32;
                 [nb(q.data, q.ld), nb(k.data, k.ld), nb(v.data, v.ld), no]
@@ -152,9 +151,9 @@ fn next_offset(s: &AttnShape, t: usize, ld: usize) -> usize {
     }
 }
 
-/// Prefetches row `r` of each of the next task's operands (row strides `ld`), `hd` values each. At
-/// short sequences a head's few rows come from L3 as the head starts (the forward at 57 tokens ran
-/// 10-30% faster on L2-resident data); touched during the previous head, they are closer.
+/// Prefetches row `r` of each of the next task's operands (row strides `ld`), `hd` values each. A
+/// head's rows, a few hundred bytes in each of many rows kilobytes apart, otherwise come from L3 as
+/// the head starts (the forward at 57 tokens ran 10-30% faster on L2-resident data).
 #[inline(always)]
 unsafe fn prefetch_row<S: Simd, const N: usize>(next: &Option<[*const f32; N]>, ld: &[usize; N], r: usize, hd: usize) {
     if let Some(ptrs) = next {
@@ -169,6 +168,11 @@ unsafe fn prefetch_row<S: Simd, const N: usize>(next: &Option<[*const f32; N]>, 
 
 /// Score rows are padded to this many columns, so the tile kernel never falls back to scalar columns.
 const PAD: usize = 8;
+
+/// Up to this many tokens a head prefetches the next head's rows ([`prefetch_row`]): measured faster
+/// at 57, 102 and 256 tokens (the forward at 256 by 7%), no better at 576, where a head's own
+/// copies fill L2.
+const PREFETCH_SEQ: usize = 256;
 
 /// Key tile length: the sequence cut into near-equal tiles of at most [`BLOCK_K`], a multiple of
 /// [`PAD`] so that every tile but the last is unpadded.
@@ -366,7 +370,7 @@ pub fn backward(
                 dv: dv.get().add(base(lddv)),
                 ld: [q.ld, k.ld, v.ld, o.ld, dout.ld, lddq, lddk, lddv],
             };
-            let next = (t + 1 < tasks && s.seq <= BLOCK_Q).then(|| {
+            let next = (t + 1 < tasks && s.seq <= PREFETCH_SEQ).then(|| {
                 let nb = |d: &[f32], ld: usize| d.as_ptr().add(base(ld) + next_offset(&s, t, ld));
                 let ng = |p: SendPtr, ld: usize| p.get().add(base(ld) + next_offset(&s, t, ld)) as *const f32;
                 [
