@@ -4,9 +4,9 @@
 //! log-sum-exp; the backward recomputes the probabilities tile by tile (FlashAttention-2's scheme).
 //! Tasks are (batch, head) pairs spread over the pool; inside a task, the tile products run on a
 //! register-blocked micro-kernel (`tile.rs`) with K and V transposed once per head. Data movement
-//! is a large share at the encoder's short sequences (57 visible tokens): there a head's rows are
-//! read and its gradients written in place instead of through contiguous copies, and each task
-//! prefetches the rows of the head its thread runs next.
+//! is a large share at the encoder's short sequences (57 visible tokens): there the forward reads Q
+//! and V in place and the backward writes dQ, dK and dV in place (no contiguous copies), and each
+//! task prefetches the rows of the head its thread runs next.
 //!
 //! Layout: token `t` of batch `b` is row `b * seq + t` of a row-major buffer with leading dimension
 //! `ld`, and head `h` occupies columns `h * head_dim .. (h + 1) * head_dim` of that row. So q, k and v
