@@ -122,21 +122,25 @@ pub fn forward(
     let ld_out = out.ld;
     let tasks = s.batch * s.heads;
     par::for_each(tasks, tasks > 1 && par::can_split(), |t| {
-        let (b, h) = (t / s.heads, t % s.heads);
-        let base = |ld: usize| b * s.seq * ld + h * s.head_dim;
-        // SAFETY: task (b, h) writes only head h's columns of batch b's rows of `out`, and its own
+        let at = |t: usize, ld: usize| head_offset(&s, t, ld);
+        // SAFETY: task t writes only its head's columns of its batch's rows of `out`, and its own
         // `seq` entries of `lse`; extents were checked above.
         unsafe {
-            let qh = q.data.as_ptr().add(base(q.ld));
-            let kh = k.data.as_ptr().add(base(k.ld));
-            let vh = v.data.as_ptr().add(base(v.ld));
-            let oh = op_.get().add(base(ld_out));
+            let qh = q.data.as_ptr().add(at(t, q.ld));
+            let kh = k.data.as_ptr().add(at(t, k.ld));
+            let vh = v.data.as_ptr().add(at(t, v.ld));
+            let oh = op_.get().add(at(t, ld_out));
             let lh = lse_ptr.map(|p| p.get().add(t * s.seq));
             // The task this thread most likely runs next (rayon hands out ranges of tasks).
             let next = (t + 1 < tasks && s.seq <= PREFETCH_SEQ).then(|| {
-                let nb = |d: &[f32], ld: usize| d.as_ptr().add(base(ld) + next_offset(&s, t, ld));
-                let no = op_.get().add(base(ld_out) + next_offset(&s, t, ld_out)) as *const f32;
-                [nb(q.data, q.ld), nb(k.data, k.ld), nb(v.data, v.ld), no]
+                let n = t + 1;
+                let o = op_.get().add(at(n, ld_out)) as *const f32;
+                [
+                    q.data.as_ptr().add(at(n, q.ld)),
+                    k.data.as_ptr().add(at(n, k.ld)),
+                    v.data.as_ptr().add(at(n, v.ld)),
+                    o,
+                ]
             });
             crate::dispatch!(isa, forward_head[](&s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh, next))
         }
@@ -144,14 +148,9 @@ pub fn forward(
     Ok(())
 }
 
-/// How far task `t + 1`'s head starts from task `t`'s, in a buffer of row stride `ld`: the next
-/// head's columns, or the next batch's first head.
-fn next_offset(s: &AttnShape, t: usize, ld: usize) -> usize {
-    if (t + 1) % s.heads != 0 {
-        s.head_dim
-    } else {
-        s.seq * ld - (s.heads - 1) * s.head_dim
-    }
+/// Where task `t` (batch `t / heads`, head `t % heads`) starts in a buffer of row stride `ld`.
+fn head_offset(s: &AttnShape, t: usize, ld: usize) -> usize {
+    (t / s.heads) * s.seq * ld + (t % s.heads) * s.head_dim
 }
 
 /// Prefetches row `r` of each of the next task's operands (row strides `ld`), `hd` values each. A
@@ -245,14 +244,15 @@ unsafe fn forward_head<S: Simd>(
     let mut scratch = Scratch::take(hd * sp + 2 * seq * hd + BLOCK_Q * bk + BLOCK_Q * hd);
     let [kt, qc, vc, sc, acc] = scratch.carve([hd * sp, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * hd]);
     transpose_padded::<S>(k, ldk, seq, hd, kt, sp);
+    // Row strides of the next task's q, k, v and out (as this task's, before any copy).
+    let next_ld = [ldq, ldk, ldv, ldo];
     // A short sequence's rows are read in place (each once per product, few enough pages); a
     // long one's are copied out, as in the backward, which reads them more often.
-    let (ldq0, ldv0) = (ldq, ldv);
     let (q, ldq, v, ldv) = if seq <= BLOCK_Q {
         (q, ldq, v, ldv)
     } else {
-        copy_rows(q, ldq, seq, hd, qc);
-        copy_rows(v, ldv, seq, hd, vc);
+        copy_rows(q, ldq, qc.as_mut_ptr(), hd, seq, hd);
+        copy_rows(v, ldv, vc.as_mut_ptr(), hd, seq, hd);
         (qc.as_ptr(), hd, vc.as_ptr(), hd)
     };
     let mut m = [0f32; BLOCK_Q];
@@ -280,7 +280,7 @@ unsafe fn forward_head<S: Simd>(
             );
             for r in 0..bq {
                 if first {
-                    prefetch_row::<S, 4>(&next, &[ldq0, ldk, ldv0, ldo], i0 + r, hd);
+                    prefetch_row::<S, 4>(&next, &next_ld, i0 + r, hd);
                 }
                 let row = &mut sc[r * nkp..r * nkp + nk];
                 let mx = super::reduce::max_serial::<S>(row);
@@ -358,34 +358,27 @@ pub fn backward(
     let isa = isa();
     let tasks = s.batch * s.heads;
     par::for_each(tasks, tasks > 1 && par::can_split(), |t| {
-        let (b, h) = (t / s.heads, t % s.heads);
-        let base = |ld: usize| b * s.seq * ld + h * s.head_dim;
-        // SAFETY: task (b, h) writes only head h's columns of batch b's rows of dq, dk, dv.
+        // SAFETY: task t writes only its head's columns of its batch's rows of dq, dk, dv.
         unsafe {
-            let ptrs = HeadPtrs {
-                q: q.data.as_ptr().add(base(q.ld)),
-                k: k.data.as_ptr().add(base(k.ld)),
-                v: v.data.as_ptr().add(base(v.ld)),
-                o: o.data.as_ptr().add(base(o.ld)),
-                dout: dout.data.as_ptr().add(base(dout.ld)),
-                dq: dq.get().add(base(lddq)),
-                dk: dk.get().add(base(lddk)),
-                dv: dv.get().add(base(lddv)),
-                ld: [q.ld, k.ld, v.ld, o.ld, dout.ld, lddq, lddk, lddv],
+            let head = |t: usize| {
+                let at = |ld: usize| head_offset(&s, t, ld);
+                HeadPtrs {
+                    q: q.data.as_ptr().add(at(q.ld)),
+                    k: k.data.as_ptr().add(at(k.ld)),
+                    v: v.data.as_ptr().add(at(v.ld)),
+                    o: o.data.as_ptr().add(at(o.ld)),
+                    dout: dout.data.as_ptr().add(at(dout.ld)),
+                    dq: dq.get().add(at(lddq)),
+                    dk: dk.get().add(at(lddk)),
+                    dv: dv.get().add(at(lddv)),
+                    ld: [q.ld, k.ld, v.ld, o.ld, dout.ld, lddq, lddk, lddv],
+                }
             };
+            let ptrs = head(t);
+            // The task this thread most likely runs next: every operand it reads or writes.
             let next = (t + 1 < tasks && s.seq <= PREFETCH_SEQ).then(|| {
-                let nb = |d: &[f32], ld: usize| d.as_ptr().add(base(ld) + next_offset(&s, t, ld));
-                let ng = |p: SendPtr, ld: usize| p.get().add(base(ld) + next_offset(&s, t, ld)) as *const f32;
-                [
-                    nb(q.data, q.ld),
-                    nb(k.data, k.ld),
-                    nb(v.data, v.ld),
-                    nb(o.data, o.ld),
-                    nb(dout.data, dout.ld),
-                    ng(dq, lddq),
-                    ng(dk, lddk),
-                    ng(dv, lddv),
-                ]
+                let n = head(t + 1);
+                [n.q, n.k, n.v, n.o, n.dout, n.dq, n.dk, n.dv]
             });
             let lse_h = &lse[t * s.seq..(t + 1) * s.seq];
             crate::dispatch!(isa, backward_head[](&s, &ptrs, lse_h, scale, next))
@@ -430,9 +423,9 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     let one_key_tile = seq <= bk;
     let (dqp, lddqp) = if one_key_tile { (p.dq, lddq) } else { (dqc.as_mut_ptr(), hd) };
     let one_query_block = seq <= BLOCK_Q;
-    copy_rows(p.q, ldq, seq, hd, qc);
-    copy_rows(p.k, ldk, seq, hd, kc);
-    copy_rows(p.dout, lddo, seq, hd, doc);
+    copy_rows(p.q, ldq, qc.as_mut_ptr(), hd, seq, hd);
+    copy_rows(p.k, ldk, kc.as_mut_ptr(), hd, seq, hd);
+    copy_rows(p.dout, lddo, doc.as_mut_ptr(), hd, seq, hd);
     transpose_padded::<S>(kc.as_ptr(), hd, seq, hd, kt, sp);
     transpose_padded::<S>(p.v, ldv, seq, hd, vt, sp);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
@@ -482,33 +475,28 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
             tile::matmul::<S>(nk, hd, bq, scale, dp.as_ptr(), 1, nkp, qi, ldq, dkp, lddkp, !first);
         }
         if !one_query_block {
-            store_rows(dk_blk, hd, nk, p.dk.add(j0 * lddk), lddk);
-            store_rows(dv_blk, hd, nk, p.dv.add(j0 * lddv), lddv);
+            copy_rows(dk_blk.as_ptr(), hd, p.dk.add(j0 * lddk), lddk, nk, hd);
+            copy_rows(dv_blk.as_ptr(), hd, p.dv.add(j0 * lddv), lddv, nk, hd);
         }
     }
     if !one_key_tile {
-        store_rows(dqc, hd, seq, p.dq, lddq);
+        copy_rows(dqc.as_ptr(), hd, p.dq, lddq, seq, hd);
     }
 }
 
-/// One head's `seq x hd` rows copied out of a strided buffer into `dst`: the tile products then
-/// stream contiguous rows instead of one row per `ld` (kilobytes apart, a TLB entry per row or two).
+/// `rows x cols` values from rows `lds` apart to rows `ldd` apart: a head's rows copied out of a
+/// strided buffer (the tile products then stream contiguous rows instead of one row per `ld`,
+/// kilobytes apart, a TLB entry per row or two), or its finished gradient rows written back.
+///
+/// # Safety
+/// Both regions must be valid for those rows and must not overlap.
 #[inline(always)]
-unsafe fn copy_rows(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut [f32]) {
-    for (r, row) in dst.chunks_exact_mut(hd).take(seq).enumerate() {
+unsafe fn copy_rows(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, rows: usize, cols: usize) {
+    for r in 0..rows {
         // An inlined loop, not a `memcpy` call per row: rows are a few hundred bytes.
-        for (d, s) in row.iter_mut().zip(std::slice::from_raw_parts(src.add(r * ld), hd)) {
-            *d = *s;
-        }
-    }
-}
-
-/// The inverse of [`copy_rows`]: `seq` contiguous rows of `hd` written out at row stride `ld`.
-#[inline(always)]
-unsafe fn store_rows(src: &[f32], hd: usize, seq: usize, dst: *mut f32, ld: usize) {
-    for (r, row) in src.chunks_exact(hd).take(seq).enumerate() {
-        for (d, s) in std::slice::from_raw_parts_mut(dst.add(r * ld), hd).iter_mut().zip(row) {
-            *d = *s;
+        let (s, d) = (std::slice::from_raw_parts(src.add(r * lds), cols), dst.add(r * ldd));
+        for (j, x) in s.iter().enumerate() {
+            *d.add(j) = *x;
         }
     }
 }
