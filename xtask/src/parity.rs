@@ -56,11 +56,23 @@ fn output_check(name: &str, got: &[f64], want: &[f32]) -> Check {
     let mut max_abs: f64 = 0.0;
     let mut ratio: f64 = if got.len() == want.len() { 0.0 } else { f64::INFINITY };
     for (&g, &w) in got.iter().zip(want) {
-        let e = (g - w as f64).abs();
+        let e = abs_diff(g, w as f64);
         max_abs = max_abs.max(e);
         ratio = ratio.max(e / (1e-6 + 1e-5 * (w as f64).abs()));
     }
     Check { name: name.to_string(), max_abs_err: max_abs, ratio }
+}
+
+/// `|got - want|`, infinite where exactly one of them is NaN: `f64::max` skips a NaN, so a NaN
+/// output would otherwise pass every comparison.
+fn abs_diff(got: f64, want: f64) -> f64 {
+    match (got.is_nan(), want.is_nan()) {
+        // Equal infinities are equal (their difference would be NaN).
+        (false, false) if got == want => 0.0,
+        (false, false) => (got - want).abs(),
+        (true, true) => 0.0,
+        _ => f64::INFINITY,
+    }
 }
 
 /// Below this fraction of the model's largest gradient, a reference gradient is rounding noise.
@@ -72,12 +84,12 @@ const VANISHING: f64 = 1e-6;
 /// rounding level too, `max |got| <= 1e-6` of the model's largest gradient.
 fn grad_check(name: &str, got: &[f64], want: &[f32], model_scale: f64) -> Check {
     let scale = want.iter().fold(0f64, |m, &w| m.max((w as f64).abs()));
-    let max_abs = got.iter().zip(want).map(|(&g, &w)| (g - w as f64).abs()).fold(0.0, f64::max);
+    let max_abs = got.iter().zip(want).map(|(&g, &w)| abs_diff(g, w as f64)).fold(0.0, f64::max);
     if got.len() != want.len() {
         return Check { name: name.to_string(), max_abs_err: max_abs, ratio: f64::INFINITY };
     }
     if scale <= VANISHING * model_scale {
-        let ours = got.iter().fold(0f64, |m, g| m.max(g.abs()));
+        let ours = got.iter().fold(0f64, |m, &g| m.max(abs_diff(g, 0.0)));
         return Check {
             name: format!("{name} (vanishing)"),
             max_abs_err: max_abs,

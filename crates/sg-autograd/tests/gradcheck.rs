@@ -104,7 +104,14 @@ impl Check {
             }
         }
         let (f32g, _) = self.grads(Cpu, g);
-        let err = f32g.iter().zip(&ana).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max) / scale;
+        // A NaN counts as the largest error (`f64::max` would skip it).
+        let err = f32g.iter().zip(&ana).map(|(a, b)| (a - b).abs()).fold(0.0, |m: f64, e| {
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                m.max(e)
+            }
+        }) / scale;
         assert!(err <= f32_tol, "f32 backend gradients differ from f64 by {err} (relative to the largest)");
     }
 }

@@ -22,7 +22,12 @@ fn fixture() -> SafetensorsFile {
 /// gradient, which both sides hold only as rounding noise.
 fn max_rel(a: &[f64], b: &[f32], floor: f64) -> f64 {
     let scale = b.iter().fold(floor, |m, v| m.max(v.abs() as f64));
-    a.iter().zip(b).map(|(x, y)| (x - *y as f64).abs()).fold(0.0, f64::max) / scale
+    // A NaN counts as the largest difference (`f64::max` would skip it).
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - *y as f64).abs())
+        .fold(0.0, |m: f64, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
+        / scale
 }
 
 fn check<B: Backend>(be: B, tol: f64) {

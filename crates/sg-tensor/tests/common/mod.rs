@@ -11,13 +11,22 @@ pub fn on_every_isa(mut f: impl FnMut(Isa)) {
     }
 }
 
+/// `|got - want|`, infinite where exactly one of them is NaN (both NaN: equal). `f64::max` skips a
+/// NaN, so without this a NaN result would pass every comparison.
+pub fn abs_diff(got: f64, want: f64) -> f64 {
+    match (got.is_nan(), want.is_nan()) {
+        // Equal infinities are equal (their difference would be NaN).
+        (false, false) if got == want => 0.0,
+        (false, false) => (got - want).abs(),
+        (true, true) => 0.0,
+        _ => f64::INFINITY,
+    }
+}
+
 /// Largest of `|got - want| / max(1, |want|)`: absolute near zero, relative for large values.
 pub fn max_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length");
-    got.iter()
-        .zip(want)
-        .map(|(&g, &w)| if g.is_nan() && w.is_nan() { 0.0 } else { (g as f64 - w).abs() / w.abs().max(1.0) })
-        .fold(0.0, f64::max)
+    got.iter().zip(want).map(|(&g, &w)| abs_diff(g as f64, w) / w.abs().max(1.0)).fold(0.0, f64::max)
 }
 
 /// Error relative to the largest magnitude of the reference (for sums of many terms).
@@ -30,7 +39,7 @@ pub fn rel_to_max(got: &[f32], want: &[f64]) -> f64 {
 /// anything.
 pub fn rel_to_max_floor(got: &[f32], want: &[f64], floor: f64) -> f64 {
     let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, f64::max) / scale
+    got.iter().zip(want).map(|(&g, &w)| abs_diff(g as f64, w)).fold(0.0, f64::max) / scale
 }
 
 /// A vector of `n` values uniform in [-scale, scale], from a proptest-drawn seed.
