@@ -235,22 +235,25 @@ impl Mae3d {
                 msg: format!("tokens {:?} with a masking of {n} x {l}", tokens.shape),
             });
         }
-        // Encoder on the visible tokens only.
-        let x = enc.embed(e, tokens)?;
-        let x = e.gather_rows(&x, &m.ids_keep)?;
-        let x = enc.blocks(e, &x)?;
+        // Encoder on the visible tokens only. Intermediates are reassigned, not shadowed, so that
+        // each is freed once consumed (the embedding of all tokens, the unshuffled decoder input).
+        let mut x = enc.embed(e, tokens)?;
+        x = e.gather_rows(&x, &m.ids_keep)?;
+        x = enc.blocks(e, &x)?;
         let encoder_out = enc.norm.forward(e, &x)?;
+        drop(x);
         // Decoder on every token.
-        let z = self.decoder_embed.forward(e, &encoder_out, Activation::Identity)?;
+        let mut z = self.decoder_embed.forward(e, &encoder_out, Activation::Identity)?;
         let fill = e.param(&self.mask_token)?;
-        let z = e.unshuffle(&z, &fill, &m.ids_restore)?;
+        z = e.unshuffle(&z, &fill, &m.ids_restore)?;
         let pos = self.decoder_pos.table(e)?;
-        let mut z = e.add_rows(&z, &pos)?;
+        z = e.add_rows(&z, &pos)?;
         for b in &self.decoder_blocks {
             z = b.forward(e, &z, 0.0)?;
         }
-        let z = self.decoder_norm.forward(e, &z)?;
+        z = self.decoder_norm.forward(e, &z)?;
         let pred = self.decoder_pred.forward(e, &z, Activation::Identity)?;
+        drop(z);
         let (t, _, _) = enc.cfg.grid();
         let (loss, parts) = e.mae_loss(&pred, tokens, &m.mask, t, self.spectral_angle())?;
         Ok(MaeOutput { loss, parts, encoder_out, pred })

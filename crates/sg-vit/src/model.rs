@@ -103,16 +103,19 @@ impl Block {
 
     /// `x (N, T, D)` through the block; `drop_path` is this block's stochastic-depth rate.
     pub fn forward<E: Exec>(&self, e: &mut E, x: &Value<E::B>, drop_path: f32) -> Result<Value<E::B>> {
-        let h = self.norm1.forward(e, x)?;
-        let qkv = self.qkv.forward(e, &h, Activation::Identity)?;
-        let a = e.attention(&qkv, self.heads)?;
-        let a = self.proj.forward(e, &a, Activation::Identity)?;
-        let a = e.drop_path(&a, drop_path)?;
-        let x = e.add(x, &a)?;
-        let h = self.norm2.forward(e, &x)?;
-        let h = self.fc1.forward(e, &h, Activation::Gelu)?;
-        let h = self.fc2.forward(e, &h, Activation::Identity)?;
-        let h = e.drop_path(&h, drop_path)?;
+        // `h` is reassigned, not shadowed: a shadowed binding lives to the end of the function, so
+        // every intermediate (the MLP's 4x-wide activation among them) would stay allocated until
+        // the block returns. What a backward needs, the tape keeps itself.
+        let mut h = self.norm1.forward(e, x)?;
+        h = self.qkv.forward(e, &h, Activation::Identity)?;
+        h = e.attention(&h, self.heads)?;
+        h = self.proj.forward(e, &h, Activation::Identity)?;
+        h = e.drop_path(&h, drop_path)?;
+        let x = e.add(x, &h)?;
+        h = self.norm2.forward(e, &x)?;
+        h = self.fc1.forward(e, &h, Activation::Gelu)?;
+        h = self.fc2.forward(e, &h, Activation::Identity)?;
+        h = e.drop_path(&h, drop_path)?;
         e.add(&x, &h)
     }
 }
