@@ -606,7 +606,8 @@ impl<'a, B: Backend> Tape<'a, B> {
                 }
             }
             Op::Linear { x, x_val, w, b, pre, dims: (m, k, n) } => {
-                let dy = need(&dy)?;
+                // Handed over, not cloned: the backend may reuse a buffer only this op holds.
+                let dy = dy.ok_or_else(|| TensorError::Arg { op: "backward", msg: "missing gradient".into() })?;
                 let wslice = Slice { buf: &self.params, range: w.range() };
                 let dx = get(slot(slots, x));
                 let x_val = match x_val {
@@ -621,7 +622,7 @@ impl<'a, B: Backend> Tape<'a, B> {
                 };
                 // Without the saved input the weight is frozen (see `linear` below).
                 let pg = self.layer_grads(x_val.as_ref().map(|_| &w), b.as_ref(), grads)?;
-                be.linear_backward(x_val.as_ref(), wslice, pre.as_ref(), &dy, m, k, n, dx, pg)?;
+                be.linear_backward(x_val, wslice, pre.as_ref(), dy, m, k, n, dx, pg)?;
             }
             Op::LayerNorm { x, x_val, w, b, mean, rstd, .. } => {
                 let dy = need(&dy)?;

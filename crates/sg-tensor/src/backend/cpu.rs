@@ -40,6 +40,23 @@ fn slot<'a>(op: &'static str, g: &'a mut Grad<Cpu>, n: usize) -> Result<(&'a mut
     }
 }
 
+/// Like [`slot`], but a first write takes `spare`'s storage instead of a fresh buffer where `spare`
+/// has the length and no other holder (its values are overwritten, never read).
+fn slot_reusing<'a>(
+    op: &'static str,
+    g: &'a mut Grad<Cpu>,
+    n: usize,
+    spare: Option<Buf>,
+) -> Result<(&'a mut [f32], Dst)> {
+    if let (None, Some(mut b)) = (g.as_ref(), spare) {
+        if b.len() == n && Arc::get_mut(&mut b).is_some() {
+            let b = g.insert(b);
+            return Ok((Arc::get_mut(b).expect("checked unique").as_mut_slice(), Dst::Overwrite));
+        }
+    }
+    slot(op, g, n)
+}
+
 /// A parameter-gradient range about to be accumulated into by a kernel: zeroed on its first write.
 fn zero_if_first(s: Option<&mut [f32]>, mode: Option<Dst>) -> Option<&mut [f32]> {
     let s = s?;
@@ -221,10 +238,10 @@ impl Backend for Cpu {
 
     fn linear_backward(
         &self,
-        x: Option<&Buf>,
+        x: Option<Buf>,
         w: Slice<Self>,
         pre: Option<&Buf>,
-        dy: &Buf,
+        mut dy: Buf,
         m: usize,
         k: usize,
         n: usize,
@@ -233,27 +250,28 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let op = "linear_backward";
         check_len(op, "dy", dy.len(), m * n)?;
-        let dpre_buf;
-        let dpre: &[f32] = match pre {
-            Some(p) => {
-                let mut t = vec![0.0; m * n];
-                gelu::backward(p, dy, &mut t, Dst::Overwrite)?;
-                dpre_buf = t;
-                &dpre_buf
+        if let Some(p) = pre {
+            check_len(op, "pre", p.len(), m * n)?;
+            // dpre = dy * gelu'(pre): in dy's storage when this op holds the only reference.
+            match Arc::get_mut(&mut dy) {
+                Some(g) => gelu::backward_inplace(p, g)?,
+                None => {
+                    let mut t = vec![0.0; m * n];
+                    gelu::backward(p, &dy, &mut t, Dst::Overwrite)?;
+                    dy = Arc::new(t);
+                }
             }
-            None => dy,
-        };
-        if let Some(g) = dx {
-            let (d, mode) = slot(op, g, m * k)?;
-            let beta = if mode == Dst::Accumulate { 1.0 } else { 0.0 };
-            gemm(Trans::N, Trans::N, m, k, n, 1.0, dpre, n, sl(&w), k, beta, d, k)?;
         }
+        let dpre: &[f32] = &dy;
+        // The parameter gradients before dx: then x is no longer needed, and dx may take its storage.
         if let Some(pg) = pg {
             let (wm, bm) = (pg.w.as_ref().map(|w| w.1), pg.b.as_ref().map(|b| b.1));
             let buf = Arc::make_mut(pg.buf).as_mut_slice();
             let (dw, db) = split_two(buf, pg.w.map(|w| w.0), pg.b.map(|b| b.0));
             if let (Some(dw), Some(mode)) = (dw, wm) {
-                let x = x.ok_or_else(|| TensorError::Arg { op, msg: "the weight gradient needs the input".into() })?;
+                let x = x
+                    .as_deref()
+                    .ok_or_else(|| TensorError::Arg { op, msg: "the weight gradient needs the input".into() })?;
                 check_len(op, "x", x.len(), m * k)?;
                 let beta = if mode == Dst::Accumulate { 1.0 } else { 0.0 };
                 gemm(Trans::T, Trans::N, n, k, m, 1.0, dpre, n, x, k, beta, dw, k)?;
@@ -261,6 +279,11 @@ impl Backend for Cpu {
             if let (Some(db), Some(mode)) = (db, bm) {
                 reduce::col_sum(dpre, m, n, db, mode)?;
             }
+        }
+        if let Some(g) = dx {
+            let (d, mode) = slot_reusing(op, g, m * k, x)?;
+            let beta = if mode == Dst::Accumulate { 1.0 } else { 0.0 };
+            gemm(Trans::N, Trans::N, m, k, n, 1.0, dpre, n, sl(&w), k, beta, d, k)?;
         }
         Ok(())
     }

@@ -164,10 +164,10 @@ impl Backend for CpuF64 {
 
     fn linear_backward(
         &self,
-        x: Option<&Buf>,
+        x: Option<Buf>,
         w: Slice<Self>,
         pre: Option<&Buf>,
-        dy: &Buf,
+        dy: Buf,
         m: usize,
         k: usize,
         n: usize,
@@ -183,7 +183,7 @@ impl Backend for CpuF64 {
             write_slot("linear_backward", g, m * k, |i| (0..n).map(|c| dpre[i / k * n + c] * wv[c * k + i % k]).sum())?;
         }
         let empty = Vec::new();
-        let xv: &[f64] = x.map_or(&empty, |x| x);
+        let xv: &[f64] = x.as_deref().map_or(&empty, |x| x);
         if pg.as_ref().is_some_and(|p| p.w.is_some()) && xv.len() != m * k {
             return Err(TensorError::Arg { op: "linear_backward", msg: "the weight gradient needs the input".into() });
         }

@@ -235,13 +235,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
         Err(TensorError::Arg { op: "linear_packed", msg: format!("the {} backend packs no weights", self.name()) })
     }
     /// Backward of [`Backend::linear`] with `dpre = dy * act'(pre)`: `dx = dpre W`, `dw = dpre^T x`
-    /// (`x` is needed only for it), `db = colsum dpre`.
+    /// (`x` is needed only for it), `db = colsum dpre`. `x` and `dy` are handed over so that a
+    /// backend may reuse their storage where nothing else holds them (`dpre` in `dy`'s, `dx` in
+    /// the recomputed input's): the MLP's 4x-wide buffers are then not doubled at the step's peak.
     fn linear_backward(
         &self,
-        x: Option<&Self::Buf>,
+        x: Option<Self::Buf>,
         w: Slice<Self>,
         pre: Option<&Self::Buf>,
-        dy: &Self::Buf,
+        dy: Self::Buf,
         m: usize,
         k: usize,
         n: usize,

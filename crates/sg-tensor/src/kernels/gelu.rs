@@ -1,7 +1,7 @@
 //! GELU in its exact erf form, `x * Phi(x)`, and its exact derivative `Phi(x) + x * phi(x)` (the
 //! backward matches the forward: no tanh approximation on either side).
 
-use super::{math, run_binary, run_unary, run_unary_inplace, Binary, Dst, Unary};
+use super::{math, run_binary, run_binary_inplace, run_unary, run_unary_inplace, Binary, Dst, Unary};
 use crate::error::{check_len, Result};
 use crate::simd::Simd;
 
@@ -38,6 +38,14 @@ pub fn backward(x: &[f32], dy: &[f32], dx: &mut [f32], dst: Dst) -> Result<()> {
     check_len("gelu::backward", "dy", dy.len(), x.len())?;
     check_len("gelu::backward", "dx", dx.len(), x.len())?;
     run_binary(&Bwd, x, dy, dx, dst);
+    Ok(())
+}
+
+/// `g = g * gelu'(x)` in place: the same values as [`backward`] with `Dst::Overwrite`, without a
+/// second buffer of the (4x-wide) hidden activation's size.
+pub fn backward_inplace(x: &[f32], g: &mut [f32]) -> Result<()> {
+    check_len("gelu::backward_inplace", "g", g.len(), x.len())?;
+    run_binary_inplace(&Bwd, x, g);
     Ok(())
 }
 

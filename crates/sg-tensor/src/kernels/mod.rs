@@ -111,6 +111,22 @@ pub(crate) fn binary_serial<S: Simd, O: Binary>(op: &O, a: &[f32], b: &[f32], y:
     }
 }
 
+/// `y = op(a, y)` in place.
+#[inline(always)]
+pub(crate) fn binary_inplace_serial<S: Simd, O: Binary>(op: &O, a: &[f32], y: &mut [f32]) {
+    let n = y.len().min(a.len());
+    let (ap, yp) = (a.as_ptr(), y.as_mut_ptr());
+    let mut i = 0;
+    while i + S::LANES <= n {
+        unsafe { S::store(yp.add(i), op.f::<S>(S::load(ap.add(i)), S::load(yp.add(i)))) };
+        i += S::LANES;
+    }
+    while i < n {
+        unsafe { *yp.add(i) = op.f::<Scalar>(*ap.add(i), *yp.add(i)) };
+        i += 1;
+    }
+}
+
 /// `y (=|+=) op(x)` over the active instruction set, parallel for long buffers. Lengths checked by callers.
 pub(crate) fn run_unary<O: Unary>(op: &O, x: &[f32], y: &mut [f32], dst: Dst) {
     let parallel = y.len() > 2 * STREAM_CHUNK && par::can_split();
@@ -126,6 +142,16 @@ pub(crate) fn run_unary_inplace<O: Unary>(op: &O, y: &mut [f32]) {
     let parallel = y.len() > 2 * STREAM_CHUNK && par::can_split();
     let isa = isa();
     par::chunks_mut(y, STREAM_CHUNK, parallel, |_, yc| crate::dispatch!(isa, unary_inplace_serial[O](op, yc)));
+}
+
+/// `y = op(a, y)` in place.
+pub(crate) fn run_binary_inplace<O: Binary>(op: &O, a: &[f32], y: &mut [f32]) {
+    let parallel = y.len() > 2 * STREAM_CHUNK && par::can_split();
+    let isa = isa();
+    par::chunks_mut(y, STREAM_CHUNK, parallel, |ci, yc| {
+        let ac = &a[ci * STREAM_CHUNK..ci * STREAM_CHUNK + yc.len()];
+        crate::dispatch!(isa, binary_inplace_serial[O](op, ac, yc))
+    });
 }
 
 /// `y (=|+=) op(a, b)`.
