@@ -144,6 +144,23 @@ proptest! {
         assert!(max_err(&m, &mr) <= 1e-7);
         assert!(max_err(&v, &vr) <= 1e-7);
     }
+
+    #[test]
+    fn adamw_split_matches_step_bitwise(seed in seed(), n in 1usize..50_000, step in 1u64..2000, wd in prop::sample::select(vec![0.0f32, 0.05])) {
+        let h = adamw::AdamW { lr: 1.5e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: wd, step };
+        let g = data(seed ^ 5, n, 0.1);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        on_every_isa(|isa| {
+            let mut p = data(seed, n, 1.0);
+            let mut m = data(seed ^ 6, n, 0.01);
+            let mut v: Vec<f32> = data(seed ^ 9, n, 1e-3).iter().map(|x| x.abs()).collect();
+            let (mut p2, mut m2, mut v2) = (p.clone(), m.clone(), v.clone());
+            adamw::step(&h, &mut p, &g, &mut m, &mut v).unwrap();
+            adamw::moments(&h, &g, &mut m2, &mut v2).unwrap();
+            adamw::apply(&h, &mut p2, &m2, &v2).unwrap();
+            assert_eq!((bits(&p), bits(&m), bits(&v)), (bits(&p2), bits(&m2), bits(&v2)), "{isa:?}");
+        });
+    }
 }
 
 #[test]
