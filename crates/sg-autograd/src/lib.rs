@@ -17,4 +17,4 @@ pub mod optim;
 mod tape;
 pub mod targets;
 
-pub use tape::{Grads, Profile, Tape};
+pub use tape::{GradSink, Grads, Profile, Tape};

@@ -5,6 +5,7 @@
 //! training scripts do). Updates follow PyTorch's `AdamW` and `SGD` operation for operation.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
 use sg_tensor::io::{self, NamedTensor, SafetensorsFile};
@@ -120,6 +121,8 @@ pub struct AdamW {
     pub exp_avg_sq: Vec<f32>,
     /// Steps taken.
     pub step: u64,
+    /// Per store entry: whether [`AdamW::fold`] has taken its gradient for the coming [`AdamW::apply`].
+    folded: Vec<bool>,
 }
 
 impl AdamW {
@@ -134,6 +137,7 @@ impl AdamW {
             exp_avg: vec![0.0; store.len()],
             exp_avg_sq: vec![0.0; store.len()],
             step: 0,
+            folded: vec![false; store.entries().len()],
         })
     }
 
@@ -142,6 +146,12 @@ impl AdamW {
         check_layout("AdamW::step", store, self.groups.len(), grads.len())?;
         if self.exp_avg.len() != store.len() {
             return Err(TensorError::Arg { op: "AdamW::step", msg: "state laid out for another model".into() });
+        }
+        if self.folded.iter().any(|&f| f) {
+            return Err(TensorError::Arg {
+                op: "AdamW::step",
+                msg: "gradients were folded: finish with `apply`".into(),
+            });
         }
         self.step += 1;
         let entries: Vec<_> = store.entries().iter().map(|e| (e.param.range(), e.trainable)).collect();
@@ -167,6 +177,77 @@ impl AdamW {
             )?;
         }
         Ok(())
+    }
+
+    /// Folds the final gradient `grad` of the parameters at `range` of the flat layout (whole store
+    /// entries, as [`crate::Tape::backward_fold`] hands them over) into the moments: the first half
+    /// of [`AdamW::step`], which [`AdamW::apply`] completes with the same bits. Frozen entries in
+    /// the range are left alone.
+    pub fn fold(&mut self, store: &ParamStore, range: Range<usize>, grad: &[f32]) -> Result<()> {
+        let op = "AdamW::fold";
+        if self.exp_avg.len() != store.len() || self.folded.len() != store.entries().len() {
+            return Err(TensorError::Arg { op, msg: "state laid out for another model".into() });
+        }
+        if grad.len() != range.len() || range.end > store.len() {
+            return Err(TensorError::Arg {
+                op,
+                msg: format!("a gradient of {} values for range {range:?} of {}", grad.len(), store.len()),
+            });
+        }
+        let h = self.hyper(0.0, 0.0);
+        for (i, e) in store.entries().iter().enumerate() {
+            let r = e.param.range();
+            if r.end <= range.start || r.start >= range.end || !e.trainable {
+                continue;
+            }
+            if r.start < range.start || r.end > range.end {
+                return Err(TensorError::Arg { op, msg: format!("range {range:?} cuts parameter `{}`", e.name) });
+            }
+            if self.folded[i] {
+                return Err(TensorError::Arg { op, msg: format!("`{}` was folded twice in one step", e.name) });
+            }
+            let g = &grad[r.start - range.start..r.end - range.start];
+            adamw::moments(&h, g, &mut self.exp_avg[r.clone()], &mut self.exp_avg_sq[r])?;
+            self.folded[i] = true;
+        }
+        Ok(())
+    }
+
+    /// Completes a step whose gradients went through [`AdamW::fold`]: a trainable entry that
+    /// received none folds a zero gradient (as [`AdamW::step`] sees a zeroed one), then every
+    /// trainable parameter takes its update at learning rate `lr` (times its group's scale).
+    pub fn apply(&mut self, store: &mut ParamStore, lr: f64) -> Result<()> {
+        check_layout("AdamW::apply", store, self.groups.len(), store.len())?;
+        if self.exp_avg.len() != store.len() || self.folded.len() != store.entries().len() {
+            return Err(TensorError::Arg { op: "AdamW::apply", msg: "state laid out for another model".into() });
+        }
+        self.step += 1;
+        let entries: Vec<_> = store.entries().iter().map(|e| (e.param.range(), e.trainable)).collect();
+        let data = store.data_mut();
+        for (i, ((r, trainable), g)) in entries.into_iter().zip(&self.groups).enumerate() {
+            if !trainable {
+                continue;
+            }
+            let h = self.hyper(lr * g.lr_scale as f64, g.weight_decay);
+            if !std::mem::take(&mut self.folded[i]) {
+                let zeros = vec![0.0; r.len()];
+                adamw::moments(&h, &zeros, &mut self.exp_avg[r.clone()], &mut self.exp_avg_sq[r.clone()])?;
+            }
+            adamw::apply(&h, &mut data[r.clone()], &self.exp_avg[r.clone()], &self.exp_avg_sq[r])?;
+        }
+        Ok(())
+    }
+
+    /// The kernel's settings for the step about to be taken.
+    fn hyper(&self, lr: f64, weight_decay: f32) -> adamw::AdamW {
+        adamw::AdamW {
+            lr: lr as f32,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay,
+            step: self.step.max(1),
+        }
     }
 
     /// Saves the moments (`exp_avg.<name>`, `exp_avg_sq.<name>`) and the step count, atomically.

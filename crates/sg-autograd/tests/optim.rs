@@ -194,3 +194,68 @@ fn checkpoint_directory_round_trip_and_torn_saves() {
     let e = checkpoint::load(&dir, &mut s2, Some(&mut o2)).unwrap_err().to_string();
     assert!(e.contains("interrupted"), "{e}");
 }
+
+/// `Tape::backward_fold` with `AdamW::fold` / `apply` against the flat path, on a graph where one
+/// weight is written by two ops through different spans (a fused concat and the weight alone), one
+/// parameter is frozen and one is never reached: same bits for parameters and moments, and the
+/// shared weight's gradient is handed over once, after both of its writers.
+#[test]
+fn folded_gradients_match_the_flat_buffer() {
+    use sg_autograd::{Grads, Tape};
+    use sg_tensor::backend::Cpu;
+    use sg_tensor::kernels::linear::Activation;
+    use sg_tensor::Exec;
+    let mut s = ParamStore::new();
+    let v = |n: usize, k: usize| (0..n).map(|i| ((i * 37 + k) % 17) as f32 / 17.0 - 0.5).collect::<Vec<f32>>();
+    let aw = s.add("a.weight", &[3, 4], v(12, 1)).unwrap();
+    let bw = s.add("b.weight", &[3, 4], v(12, 2)).unwrap();
+    let ab = s.add("a.bias", &[3], v(3, 3)).unwrap();
+    let bb = s.add("b.bias", &[3], v(3, 4)).unwrap();
+    s.add("unused.weight", &[2, 1], v(2, 5)).unwrap();
+    let fw = s.add("frozen.weight", &[3, 4], v(12, 6)).unwrap();
+    s.set_trainable("frozen", false);
+    let (wab, bab) = (s.concat(&[&aw, &bw]).unwrap(), s.concat(&[&ab, &bb]).unwrap());
+    let new_opt = |s: &ParamStore| AdamW::new(s, weight_decay_groups(s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    let (mut flat, mut folded) = (s.clone(), s.clone());
+    let (mut opt_flat, mut opt_fold) = (new_opt(&s), new_opt(&s));
+    let mut grads = Grads::new(&Cpu, &s);
+    let x = v(8, 7);
+    let mut targets = vec![0.0; 2 * 12];
+    targets[5] = 1.0;
+    targets[12 + 9] = 1.0;
+    let forward = |e: &mut Tape<Cpu>| {
+        let x = e.constant(&x, &[2, 4]).unwrap();
+        let h1 = e.linear(&x, &wab, Some(&bab), Activation::Gelu).unwrap();
+        let h2 = e.linear(&x, &aw, Some(&ab), Activation::Identity).unwrap();
+        let h3 = e.linear(&x, &fw, None, Activation::Identity).unwrap();
+        let y = e.concat(&[&h1, &h2, &h3], 1).unwrap();
+        e.cross_entropy(&y, &targets).unwrap().0
+    };
+    for step in 0..2 {
+        let mut tape = Tape::new(Cpu, &flat);
+        let loss = forward(&mut tape);
+        grads.restart();
+        tape.backward_into(&loss, &mut grads).unwrap();
+        grads.zero_unwritten(&Cpu, &flat).unwrap();
+        opt_flat.step(&mut flat, &grads.buf, 0.1).unwrap();
+
+        let mut tape = Tape::new(Cpu, &folded);
+        let loss = forward(&mut tape);
+        let mut handed = Vec::new();
+        tape.backward_fold(&loss, &mut |r, g| {
+            handed.push(r.clone());
+            opt_fold.fold(&folded, r, g)
+        })
+        .unwrap();
+        // One window: the shared weight's two writers merged it with everything between.
+        assert_eq!(handed, vec![aw.offset..bb.offset + 3], "step {step}");
+        opt_fold.apply(&mut folded, 0.1).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(flat.data()), bits(folded.data()), "step {step}");
+        assert_eq!(bits(&opt_flat.exp_avg), bits(&opt_fold.exp_avg), "step {step}");
+        assert_eq!(bits(&opt_flat.exp_avg_sq), bits(&opt_fold.exp_avg_sq), "step {step}");
+    }
+    // The unreached weight decayed; the frozen one did not move.
+    assert_ne!(folded.values(&folded.find("unused.weight").unwrap()), s.values(&s.find("unused.weight").unwrap()));
+    assert_eq!(folded.values(&fw), s.values(&fw));
+}

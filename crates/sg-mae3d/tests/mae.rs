@@ -107,3 +107,60 @@ fn reconstructions_become_images() {
     }
     assert!(model.compose(&tokens[1..], None, &m, 0.0).is_err());
 }
+
+/// A pretraining step whose gradients the optimiser folds in during the backward
+/// (`Tape::backward_fold`, `AdamW::fold` / `apply`) moves every parameter and moment to the same
+/// bits as the step through one flat gradient buffer, frozen parameters included.
+#[test]
+fn folded_steps_match_flat_steps() {
+    use sg_autograd::optim::{weight_decay_groups, AdamW};
+    let mut cfg = MaeConfig::preset("tiny", 32).unwrap();
+    cfg.encoder.depth = 2;
+    let mut store = ParamStore::new();
+    let model = Mae3d::new(cfg.clone(), &mut store, 3).unwrap();
+    assert!(store.set_trainable("blocks.0.", false) > 0);
+    let (n, l, td) = (2, cfg.encoder.tokens(), cfg.encoder.token_dim());
+    let new_opt = |s: &ParamStore| AdamW::new(s, weight_decay_groups(s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    let (mut flat, mut folded) = (store.clone(), store.clone());
+    let (mut opt_flat, mut opt_fold) = (new_opt(&store), new_opt(&store));
+    let mut grads = sg_autograd::Grads::new(&Cpu, &store);
+    for step in 0..3u64 {
+        let x: Vec<f32> =
+            (0..n * 12 * 32 * 32).map(|i| ((i * 7919 + step as usize * 31) % 1000) as f32 / 1e3).collect();
+        let tokens = model.encoder.tokens(&x, n).unwrap();
+        let m = Masking::random(n, l, cfg.mask_ratio, step).unwrap();
+        {
+            let mut tape = Tape::new(Cpu, &flat);
+            let t = tape.constant(&tokens, &[n, l, td]).unwrap();
+            let out = model.forward(&mut tape, &t, &m).unwrap();
+            grads.restart();
+            tape.backward_into(&out.loss, &mut grads).unwrap();
+        }
+        grads.zero_unwritten(&Cpu, &flat).unwrap();
+        opt_flat.step(&mut flat, &grads.buf, 1e-3).unwrap();
+        {
+            let mut tape = Tape::new(Cpu, &folded);
+            let t = tape.constant(&tokens, &[n, l, td]).unwrap();
+            let out = model.forward(&mut tape, &t, &m).unwrap();
+            let mut handed = 0;
+            tape.backward_fold(&out.loss, &mut |r, g| {
+                handed += r.len();
+                opt_fold.fold(&folded, r, g)
+            })
+            .unwrap();
+            let trainable: usize = folded.entries().iter().filter(|e| e.trainable).map(|e| e.param.len()).sum();
+            assert!(handed >= trainable && handed < folded.len(), "{handed} of {trainable} trainable values");
+        }
+        // `step` is refused while folded gradients wait for `apply`.
+        if step == 0 {
+            assert!(opt_fold.step(&mut folded.clone(), &grads.buf, 1e-3).is_err());
+        }
+        opt_fold.apply(&mut folded, 1e-3).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(flat.data()), bits(folded.data()), "parameters after step {step}");
+        assert_eq!(bits(&opt_flat.exp_avg), bits(&opt_fold.exp_avg), "exp_avg after step {step}");
+        assert_eq!(bits(&opt_flat.exp_avg_sq), bits(&opt_fold.exp_avg_sq), "exp_avg_sq after step {step}");
+    }
+    let frozen = store.entries().iter().find(|e| !e.trainable).unwrap();
+    assert_eq!(folded.values(&frozen.param), store.values(&frozen.param));
+}
