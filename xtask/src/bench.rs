@@ -84,7 +84,6 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
             let model = Mae3d::new(cfg.clone(), &mut store, 0)?;
             let mut opt = AdamW::new(&store, weight_decay_groups(&store, 0.05, &[]), 0.9, 0.95, 1e-8)?;
             let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
-            let mut grads = sg_autograd::Grads::new(&Cpu, &store);
             for s in 0..=steps {
                 let x: Vec<f32> = (0..batch * bands * img * img).map(|_| rng.uniform() as f32).collect();
                 let m = Masking::random(batch, l, 0.9, s as u64)?;
@@ -97,17 +96,18 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
                 }
                 let t = tape.constant(&tokens, &[batch, l, td])?;
                 let out = model.forward(&mut tape, &t, &m)?;
-                // One gradient buffer for all steps, as a training loop keeps it.
-                grads.restart();
-                tape.backward_into(&out.loss, &mut grads)?;
-                grads.zero_unwritten(&Cpu, &store)?;
+                // As `xtask pretrain` steps: gradients folded into the moments during the backward.
+                let mut t_opt = 0.0;
+                let profile = tape.backward_fold(&out.loss, &mut |r, g| {
+                    let t1 = Instant::now();
+                    let done = opt.fold(&store, r, g);
+                    t_opt += t1.elapsed().as_secs_f64();
+                    done
+                })?;
                 let t1 = Instant::now();
-                opt.step(&mut store, &grads.buf, 1e-4)?;
-                if sg_tensor::par::lean_memory() {
-                    grads.release(&Cpu);
-                }
-                let t_opt = t1.elapsed().as_secs_f64();
-                if let (Some(mut p), true) = (grads.profile.take(), s > 0) {
+                opt.apply(&mut store, 1e-4)?;
+                t_opt += t1.elapsed().as_secs_f64();
+                if let (Some(mut p), true) = (profile, s > 0) {
                     p.add_other("tokenise", t_tok);
                     p.add_other("optimiser (AdamW)", t_opt);
                     for (f, a, b) in p.families {

@@ -586,8 +586,9 @@ pub fn finetune(task: DenseTask, args: &[String]) -> Result<serde_json::Value> {
                 return Err(arg_err(format!("the loss became {l} at step {step}")));
             }
             let running = tape.take_running_stats();
-            let grads = tape.backward(&loss)?;
-            opt.step(&mut store, &grads.buf, sched.lr(step))?;
+            // Folded into the optimiser's moments as the backward finishes each gradient (no clipping).
+            tape.backward_fold(&loss, &mut |r, g| opt.fold(&store, r, g))?;
+            opt.apply(&mut store, sched.lr(step))?;
             for (p, v) in running {
                 store.values_mut(&p).copy_from_slice(&v);
             }

@@ -399,8 +399,9 @@ pub fn finetune(args: &[String]) -> Result<serde_json::Value> {
             if !l.is_finite() {
                 return Err(arg_err(format!("the loss became {l} at step {step}")));
             }
-            let grads = tape.backward(&loss)?;
-            opt.step(&mut store, &grads.buf, sched.lr(step))?;
+            // Folded into the optimiser's moments as the backward finishes each gradient (no clipping).
+            tape.backward_fold(&loss, &mut |r, g| opt.fold(&store, r, g))?;
+            opt.apply(&mut store, sched.lr(step))?;
             step += 1;
             epoch_loss += l;
         }

@@ -495,7 +495,6 @@ fn train_stage(
     let sched = CosineSchedule { base_lr: lr0, min_lr: 0.0, warmup_steps: warmup, total_steps: total };
     let config_json = cfg.to_json().to_string();
     // One gradient buffer for the whole stage: no 4-bytes-per-parameter allocation per step.
-    let mut grads = sg_autograd::Grads::new(&Cpu, store);
     let log_path = o.out.join("log.jsonl");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -533,14 +532,11 @@ fn train_stage(
                     ),
                 });
             }
-            grads.restart();
-            tape.backward_into(&out.loss, &mut grads)?;
-            grads.zero_unwritten(&Cpu, store)?;
+            // No clipping or accumulation in MAE pretraining: the optimiser folds each gradient
+            // into its moments as the backward finishes it, so no model-sized gradient is held.
             let lr = sched.lr(step);
-            opt.step(store, &grads.buf, lr)?;
-            if sg_tensor::par::lean_memory() {
-                grads.release(&Cpu);
-            }
+            tape.backward_fold(&out.loss, &mut |r, g| opt.fold(store, r, g))?;
+            opt.apply(store, lr)?;
             step += 1;
             if summary.first_loss.is_nan() {
                 summary.first_loss = out.parts.loss;

@@ -120,7 +120,7 @@ impl SendPtr {
 /// faults and page clearing again (4 base pretraining steps: 1.94 M page faults before, 0.70 M
 /// after, 15% less CPU time; peak RSS grows by the reused blocks, 2083 -> 2449 MiB).
 /// Binaries call this once at start; a library never changes process-wide settings by itself.
-/// `SG_MALLOC=system` leaves the allocator's defaults alone; `SG_MALLOC=lean` is [`lean_memory`].
+/// `SG_MALLOC=system` leaves the allocator's defaults alone.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var("SG_MALLOC").map_or(true, |v| v != "system") {
@@ -129,21 +129,10 @@ pub fn keep_freed_memory() {
         }
         const M_TRIM_THRESHOLD: i32 = -1;
         const M_MMAP_THRESHOLD: i32 = -3;
-        // Lean: buffers of 64 MiB and more (parameters, optimiser state, the gradient) get their
-        // own mappings, whose untouched pages cost nothing; the heap gives back free space above
-        // 256 MiB, so the activations freed during a backward make room for the gradient.
-        let (mmap, trim) = if lean_memory() { (64 << 20, 256 << 20) } else { (1 << 30, i32::MAX) };
         // SAFETY: mallopt only changes allocator tuning parameters; any values are valid.
         unsafe {
-            mallopt(M_MMAP_THRESHOLD, mmap);
-            mallopt(M_TRIM_THRESHOLD, trim);
+            mallopt(M_MMAP_THRESHOLD, 1 << 30);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
         }
     }
-}
-
-/// `SG_MALLOC=lean`: trade some speed for peak memory. Training loops then also release the
-/// gradient buffer after each optimiser step, so that it is not resident during the next forward
-/// (a base pretraining step: peak RSS 2219 -> 1949 MiB, about 5-10% slower from page faults).
-pub fn lean_memory() -> bool {
-    std::env::var("SG_MALLOC").is_ok_and(|v| v == "lean")
 }
