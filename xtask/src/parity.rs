@@ -6,7 +6,7 @@
 //! loaded (strictly: missing, extra or mis-shaped tensors are errors), the forward and backward run
 //! on the f32 CPU tape, and every `output.*` and `grad.*` is compared: outputs and losses within
 //! 1e-5 relative (1e-6 absolute) elementwise, gradients within 1e-4 of each tensor's largest value
-//! (gradients that vanish in exact arithmetic: see [`grad_check`]).
+//! (gradients that vanish in exact arithmetic: see `grad_check`).
 
 use std::path::Path;
 
