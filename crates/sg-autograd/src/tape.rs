@@ -8,7 +8,9 @@
 //! Backward: nodes are visited in reverse. A node's gradient is taken out of its slot when the node
 //! is processed (and so freed once its consumer's backward has run), together with the node's
 //! saved operands. The first contribution to a gradient writes it; later ones accumulate.
-//! Parameter gradients land in one flat buffer at the parameters' offsets.
+//! Parameter gradients land in one flat buffer at the parameters' offsets, or, in
+//! [`Tape::backward_fold`], in windows over the store entries each op writes, handed to the
+//! optimiser once no op still to run can add to them.
 
 use std::ops::Range;
 

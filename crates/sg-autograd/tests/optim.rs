@@ -259,3 +259,26 @@ fn folded_gradients_match_the_flat_buffer() {
     assert_ne!(folded.values(&folded.find("unused.weight").unwrap()), s.values(&s.find("unused.weight").unwrap()));
     assert_eq!(folded.values(&fw), s.values(&fw));
 }
+
+#[test]
+fn fold_rejects_bad_ranges_and_double_folds() {
+    let mut s = store();
+    let mut opt = AdamW::new(&s, weight_decay_groups(&s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    // The q weight is values 0..4: a range ending inside it cuts it.
+    let e = opt.fold(&s, 0..2, &[1.0; 2]).unwrap_err().to_string();
+    assert!(e.contains("cuts parameter `blocks.0.attn.q.weight`"), "{e}");
+    let e = opt.fold(&s, 0..4, &[1.0; 3]).unwrap_err().to_string();
+    assert!(e.contains("3 values for range 0..4"), "{e}");
+    let e = opt.fold(&s, 0..9, &[1.0; 9]).unwrap_err().to_string();
+    assert!(e.contains("of 8"), "{e}");
+    opt.fold(&s, 0..4, &[1.0; 4]).unwrap();
+    let e = opt.fold(&s, 0..6, &[1.0; 6]).unwrap_err().to_string();
+    assert!(e.contains("folded twice"), "{e}");
+    // Folding the rest and applying equals one step with that gradient.
+    opt.fold(&s, 4..8, &[1.0; 4]).unwrap();
+    opt.apply(&mut s, 0.1).unwrap();
+    let mut want = store();
+    let mut o2 = AdamW::new(&want, weight_decay_groups(&want, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
+    o2.step(&mut want, &[1.0; 8], 0.1).unwrap();
+    assert_eq!(s.data(), want.data());
+}
