@@ -297,6 +297,8 @@ impl AdamW {
             }
         }
         self.step = step;
+        // Loaded state starts a fresh step: nothing folded into it yet.
+        self.folded.iter_mut().for_each(|f| *f = false);
         Ok(())
     }
 }
