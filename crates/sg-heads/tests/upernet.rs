@@ -144,3 +144,53 @@ fn segmentation_and_change_losses_fall() {
     assert!(seg[5] < 0.7 * seg[0], "segmentation loss {seg:?}");
     assert!(chg[5] < 0.7 * chg[0], "change loss {chg:?}");
 }
+
+/// Steps whose gradients AdamW folds in during the backward (`Tape::backward_fold`) move the dense
+/// model's parameters, moments and BatchNorm statistics to the same bits as steps over a full
+/// gradient: convolutions, transposed convolutions (weight and bias written separately), group and
+/// batch norms, segmentation and change detection.
+#[test]
+fn folded_steps_match_flat_steps() {
+    for norm in [NormKind::Group, NormKind::Batch] {
+        let cfg = config(48, norm);
+        let mut store = ParamStore::new();
+        let model = UperNet::new(cfg.clone(), &mut store, 4).unwrap();
+        let new_opt = |s: &ParamStore| AdamW::new(s, weight_decay_groups(s, 0.05, &[]), 0.9, 0.999, 1e-8).unwrap();
+        let (mut flat, mut folded) = (store.clone(), store.clone());
+        let (mut opt_flat, mut opt_fold) = (new_opt(&store), new_opt(&store));
+        let (img, lab) = scene(2, 48, 7);
+        let (img2, _) = scene(2, 48, 8);
+        let shape = [2, cfg.encoder.tokens(), cfg.encoder.token_dim()];
+        let (ta, tb) = (model.tokens(&img, 2).unwrap(), model.tokens(&img2, 2).unwrap());
+        for step in 0..4 {
+            for fold in [false, true] {
+                let s = if fold { &mut folded } else { &mut flat };
+                let mut tape = Tape::new(Cpu, s).with_seed(step);
+                let t = tape.constant(&ta, &shape).unwrap();
+                let (loss, _) = if step % 2 == 0 {
+                    let z = model.segment(&mut tape, &t).unwrap();
+                    UperNet::pixel_loss(&mut tape, &z, &lab, &[], 255).unwrap()
+                } else {
+                    let u = tape.constant(&tb, &shape).unwrap();
+                    let z = model.change(&mut tape, &t, &u).unwrap();
+                    UperNet::pixel_loss(&mut tape, &z, &lab, &[0.5, 2.0, 2.0], 255).unwrap()
+                };
+                let running = tape.take_running_stats();
+                if fold {
+                    tape.backward_fold(&loss, &mut |r, g| opt_fold.fold(s, r, g)).unwrap();
+                    opt_fold.apply(s, 2e-3).unwrap();
+                } else {
+                    let g = tape.backward(&loss).unwrap();
+                    opt_flat.step(s, &g.buf, 2e-3).unwrap();
+                }
+                for (p, v) in running {
+                    s.values_mut(&p).copy_from_slice(&v);
+                }
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(flat.data()), bits(folded.data()), "{norm:?} parameters, step {step}");
+            assert_eq!(bits(&opt_flat.exp_avg), bits(&opt_fold.exp_avg), "{norm:?} exp_avg, step {step}");
+            assert_eq!(bits(&opt_flat.exp_avg_sq), bits(&opt_fold.exp_avg_sq), "{norm:?} exp_avg_sq, step {step}");
+        }
+    }
+}
