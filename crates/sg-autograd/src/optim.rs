@@ -160,14 +160,7 @@ impl AdamW {
             if !trainable {
                 continue;
             }
-            let h = adamw::AdamW {
-                lr: (lr * g.lr_scale as f64) as f32,
-                beta1: self.beta1,
-                beta2: self.beta2,
-                eps: self.eps,
-                weight_decay: g.weight_decay,
-                step: self.step,
-            };
+            let h = self.hyper(lr * g.lr_scale as f64, g.weight_decay);
             adamw::step(
                 &h,
                 &mut data[r.clone()],
@@ -238,7 +231,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// The kernel's settings for the step about to be taken.
+    /// The kernel's settings for the step about to be taken (`step` counts from 1; a fold before
+    /// the first step sees 1, which its moments do not use).
     fn hyper(&self, lr: f64, weight_decay: f32) -> adamw::AdamW {
         adamw::AdamW {
             lr: lr as f32,

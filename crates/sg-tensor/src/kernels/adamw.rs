@@ -53,36 +53,12 @@ impl AdamW {
     }
 }
 
+/// One chunk of [`step`]: the moments, then the update from them (both in L2 by then), so each
+/// formula is written once, in [`moments_serial`] and [`apply_serial`].
 #[inline(always)]
 fn step_serial<S: Simd>(h: &AdamW, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-    let (decay, step_size, inv_bc2) = h.factors();
-    let n = p.len();
-    let (pp, gp, mp, vp) = (p.as_mut_ptr(), g.as_ptr(), m.as_mut_ptr(), v.as_mut_ptr());
-    let (b1, b2) = (S::splat(h.beta1), S::splat(h.beta2));
-    let (c1, c2) = (S::splat(1.0 - h.beta1), S::splat(1.0 - h.beta2));
-    let (vdecay, vstep, vinv, veps) = (S::splat(decay), S::splat(step_size), S::splat(inv_bc2), S::splat(h.eps));
-    let mut i = 0;
-    while i + S::LANES <= n {
-        // SAFETY: the four buffers have length n (checked by the caller).
-        unsafe {
-            let gv = S::load(gp.add(i));
-            let mv = S::fma(b1, S::load(mp.add(i)), S::mul(c1, gv));
-            let vv = S::fma(b2, S::load(vp.add(i)), S::mul(c2, S::mul(gv, gv)));
-            let denom = S::add(S::mul(S::sqrt(vv), vinv), veps);
-            let pv = S::mul(S::load(pp.add(i)), vdecay);
-            S::store(pp.add(i), S::sub(pv, S::mul(vstep, S::div(mv, denom))));
-            S::store(mp.add(i), mv);
-            S::store(vp.add(i), vv);
-        }
-        i += S::LANES;
-    }
-    for j in i..n {
-        let gv = g[j];
-        m[j] = h.beta1 * m[j] + (1.0 - h.beta1) * gv;
-        v[j] = h.beta2 * v[j] + (1.0 - h.beta2) * gv * gv;
-        let denom = v[j].sqrt() * inv_bc2 + h.eps;
-        p[j] = p[j] * decay - step_size * (m[j] / denom);
-    }
+    moments_serial::<S>(h, g, m, v);
+    apply_serial::<S>(h, p, m, v);
 }
 
 /// One AdamW step over a flat parameter buffer and its gradient and moment buffers.
