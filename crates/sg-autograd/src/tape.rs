@@ -614,7 +614,8 @@ impl<'a, B: Backend> Tape<'a, B> {
                     p.add(family, 0.0, t0.elapsed().as_secs_f64());
                 }
             }
-            if let Some(sink) = sink.as_deref_mut() {
+            // Only an op with parameters can make a window final.
+            if let (Some(sink), false) = (sink.as_deref_mut(), touched.is_empty()) {
                 for r in touched {
                     self.overlapping(r).for_each(|s| left[s] -= 1);
                 }
@@ -637,29 +638,17 @@ impl<'a, B: Backend> Tape<'a, B> {
         if !self.trainable(p) {
             return Ok(None);
         }
-        let r = p.range();
-        let covered: Vec<usize> = self
-            .store
-            .entries()
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.param.offset < r.end && e.param.offset + e.param.len() > r.start)
-            .map(|(i, _)| i)
-            .collect();
-        let any = covered.iter().any(|&i| grads.written[i]);
-        if any {
+        let (dst, fresh) = self.mark_written(p, grads);
+        if dst == Dst::Accumulate {
             // A fused span over parameters of which only some were written before: zero the others
             // so that the whole span can accumulate.
-            for &i in covered.iter().filter(|&&i| !grads.written[i]) {
+            for i in fresh {
                 let e = &self.store.entries()[i].param;
                 let z = self.backend.zeros(e.len());
                 self.backend.accumulate(SliceMut { buf: &mut grads.buf, range: e.range(), dst: Dst::Overwrite }, &z)?;
             }
         }
-        for &i in &covered {
-            grads.written[i] = true;
-        }
-        Ok(Some((r, if any { Dst::Accumulate } else { Dst::Overwrite })))
+        Ok(Some((p.range(), dst)))
     }
 
     /// Indices into `spans` of the store entries overlapping `r`.
@@ -687,20 +676,21 @@ impl<'a, B: Backend> Tape<'a, B> {
         Ok(())
     }
 
-    /// Marks the entries `p` covers as written; whether this write is the first (overwrite).
-    fn mark_written(&self, p: &ParamRef, grads: &mut Grads<B>) -> Dst {
+    /// Marks the store entries `p` covers as written: whether any was written before (then this
+    /// write accumulates), and the indices of those that were not.
+    fn mark_written(&self, p: &ParamRef, grads: &mut Grads<B>) -> (Dst, Vec<usize>) {
         let r = p.range();
-        let mut any = false;
+        let (mut any, mut fresh) = (false, Vec::new());
         for (i, e) in self.store.entries().iter().enumerate() {
             if e.param.offset < r.end && e.param.offset + e.param.len() > r.start {
-                any |= std::mem::replace(&mut grads.written[i], true);
+                if std::mem::replace(&mut grads.written[i], true) {
+                    any = true;
+                } else {
+                    fresh.push(i);
+                }
             }
         }
-        if any {
-            Dst::Accumulate
-        } else {
-            Dst::Overwrite
-        }
+        (if any { Dst::Accumulate } else { Dst::Overwrite }, fresh)
     }
 
     /// [`Tape::layer_grads`] in windowed mode: the open window covering the whole store entries
@@ -721,8 +711,9 @@ impl<'a, B: Backend> Tape<'a, B> {
             }
         }
         let Some(hull) = hull else { return Ok(None) };
-        let dw = w.map(|p| (p.range(), self.mark_written(p, grads)));
-        let db = b.map(|p| (p.range(), self.mark_written(p, grads)));
+        // A window starts zeroed: entries written for the first time need no clearing.
+        let dw = w.map(|p| (p.range(), self.mark_written(p, grads).0));
+        let db = b.map(|p| (p.range(), self.mark_written(p, grads).0));
         let be = &self.backend;
         let ws = grads.windows.as_mut().expect("windowed gradients");
         let over: Vec<usize> =
@@ -780,9 +771,10 @@ impl<'a, B: Backend> Tape<'a, B> {
         // SAFETY helper: distinct input nodes give distinct slots; where two inputs are the same node
         // the ops below handle them one after the other, never holding both references at once.
         let get = |p: *mut Grad<B>| -> Option<&mut Grad<B>> { unsafe { p.as_mut() } };
-        let need = |dy: &Grad<B>| -> Result<B::Buf> {
-            dy.clone().ok_or_else(|| TensorError::Arg { op: "backward", msg: "missing gradient".into() })
+        let own = |dy: Grad<B>| -> Result<B::Buf> {
+            dy.ok_or_else(|| TensorError::Arg { op: "backward", msg: "missing gradient".into() })
         };
+        let need = |dy: &Grad<B>| own(dy.clone());
         match op {
             Op::Done => {}
             Op::Param { p } => {
@@ -793,7 +785,7 @@ impl<'a, B: Backend> Tape<'a, B> {
             }
             Op::Linear { x, x_val, w, b, pre, dims: (m, k, n) } => {
                 // Handed over, not cloned: the backend may reuse a buffer only this op holds.
-                let dy = dy.ok_or_else(|| TensorError::Arg { op: "backward", msg: "missing gradient".into() })?;
+                let dy = own(dy)?;
                 let wslice = Slice { buf: &self.params, range: w.range() };
                 let dx = get(slot(slots, x));
                 let x_val = match x_val {
