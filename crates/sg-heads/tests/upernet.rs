@@ -110,6 +110,29 @@ fn every_trained_parameter_gets_a_gradient_and_outputs_have_image_size() {
     }
 }
 
+/// A training loss: segmentation of the first date on even steps, change detection between the
+/// two dates on odd ones (weighted NLL: the rarer classes weigh more; label 255 is ignored).
+fn task_loss(
+    model: &UperNet,
+    tape: &mut Tape<Cpu>,
+    step: usize,
+    (ta, tb): (&[f32], &[f32]),
+    shape: &[usize],
+    lab: &[usize],
+) -> (sg_tensor::exec::Value<Cpu>, f64) {
+    let t = tape.constant(ta, shape).unwrap();
+    if step % 2 == 0 {
+        let z = model.segment(tape, &t).unwrap();
+        UperNet::pixel_loss(tape, &z, lab, &[], 255).unwrap()
+    } else {
+        let u = tape.constant(tb, shape).unwrap();
+        let z = model.change(tape, &t, &u).unwrap();
+        let mut lab2 = lab.to_vec();
+        lab2[0] = 255;
+        UperNet::pixel_loss(tape, &z, &lab2, &[0.5, 2.0, 2.0], 255).unwrap()
+    }
+}
+
 #[test]
 fn segmentation_and_change_losses_fall() {
     let cfg = config(48, NormKind::Group);
@@ -125,18 +148,7 @@ fn segmentation_and_change_losses_fall() {
     let mut chg = Vec::new();
     for step in 0..12 {
         let mut tape = Tape::new(Cpu, &store);
-        let t = tape.constant(&ta, &shape).unwrap();
-        let (loss, l) = if step % 2 == 0 {
-            let z = model.segment(&mut tape, &t).unwrap();
-            UperNet::pixel_loss(&mut tape, &z, &lab, &[], 255).unwrap()
-        } else {
-            let u = tape.constant(&tb, &shape).unwrap();
-            let z = model.change(&mut tape, &t, &u).unwrap();
-            // Weighted NLL: the rarer classes weigh more; label 255 is ignored.
-            let mut lab2 = lab.clone();
-            lab2[0] = 255;
-            UperNet::pixel_loss(&mut tape, &z, &lab2, &[0.5, 2.0, 2.0], 255).unwrap()
-        };
+        let (loss, l) = task_loss(&model, &mut tape, step, (&ta, &tb), &shape, &lab);
         if step % 2 == 0 { &mut seg } else { &mut chg }.push(l);
         let g = tape.backward(&loss).unwrap();
         opt.step(&mut store, &g.buf, 2e-3).unwrap();
@@ -162,19 +174,11 @@ fn folded_steps_match_flat_steps() {
         let (img2, _) = scene(2, 48, 8);
         let shape = [2, cfg.encoder.tokens(), cfg.encoder.token_dim()];
         let (ta, tb) = (model.tokens(&img, 2).unwrap(), model.tokens(&img2, 2).unwrap());
-        for step in 0..4 {
+        for step in 0..4usize {
             for fold in [false, true] {
                 let s = if fold { &mut folded } else { &mut flat };
-                let mut tape = Tape::new(Cpu, s).with_seed(step);
-                let t = tape.constant(&ta, &shape).unwrap();
-                let (loss, _) = if step % 2 == 0 {
-                    let z = model.segment(&mut tape, &t).unwrap();
-                    UperNet::pixel_loss(&mut tape, &z, &lab, &[], 255).unwrap()
-                } else {
-                    let u = tape.constant(&tb, &shape).unwrap();
-                    let z = model.change(&mut tape, &t, &u).unwrap();
-                    UperNet::pixel_loss(&mut tape, &z, &lab, &[0.5, 2.0, 2.0], 255).unwrap()
-                };
+                let mut tape = Tape::new(Cpu, s).with_seed(step as u64);
+                let (loss, _) = task_loss(&model, &mut tape, step, (&ta, &tb), &shape, &lab);
                 let running = tape.take_running_stats();
                 if fold {
                     tape.backward_fold(&loss, &mut |r, g| opt_fold.fold(s, r, g)).unwrap();
