@@ -30,12 +30,13 @@ fn run(s: AttnShape, seed: u64, packed: bool) {
         } else {
             (Rows { data: &q, ld: w }, Rows { data: &k, ld: w }, Rows { data: &v, ld: w })
         };
-        let mut o = vec![0.0; n];
-        let mut lse = vec![0.0; s.batch * s.heads * s.seq];
+        // NaN-filled outputs: every value must be written (the `_new` forms rely on it).
+        let mut o = vec![f32::NAN; n];
+        let mut lse = vec![f32::NAN; s.batch * s.heads * s.seq];
         attention::forward(s, qr, kr, vr, scale, RowsMut { data: &mut o, ld: w }, Some(&mut lse)).unwrap();
         let e = max_err(&o, &want_o);
         assert!(e <= 2e-6, "{isa:?} {s:?} forward {e}");
-        let mut o2 = vec![0.0; n];
+        let mut o2 = vec![f32::NAN; n];
         attention::forward(s, qr, kr, vr, scale, RowsMut { data: &mut o2, ld: w }, None).unwrap();
         assert_eq!(o, o2, "inference form differs");
         let (mut dq, mut dk, mut dv) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
@@ -62,6 +63,25 @@ fn run(s: AttnShape, seed: u64, packed: bool) {
             // Inputs are O(1): errors are measured against max(|want|, 1).
             let e = rel_to_max_floor(got, want, 1.0);
             assert!(e <= 2e-5, "{isa:?} {s:?} {name} {e}");
+        }
+        // Into new (unzeroed) buffers: the same bits.
+        let same =
+            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let (o_new, lse_new) = attention::forward_new(s, qr, kr, vr, scale, true).unwrap();
+        assert!(same(&o_new, &o) && same(&lse_new.unwrap(), &lse), "{isa:?} {s:?} forward_new");
+        let (o_new, none) = attention::forward_new(s, qr, kr, vr, scale, false).unwrap();
+        assert!(same(&o_new, &o) && none.is_none());
+        let g = attention::backward_new(s, qr, kr, vr, orow, Rows { data: &dout, ld: w }, &lse, scale).unwrap();
+        assert_eq!(g.len(), 3 * n);
+        for r in 0..s.batch * s.seq {
+            let row = &g[r * 3 * w..(r + 1) * 3 * w];
+            let rows = r * w..(r + 1) * w;
+            assert!(
+                same(&row[..w], &dq[rows.clone()])
+                    && same(&row[w..2 * w], &dk[rows.clone()])
+                    && same(&row[2 * w..], &dv[rows]),
+                "{isa:?} {s:?} backward_new row {r}"
+            );
         }
     });
 }

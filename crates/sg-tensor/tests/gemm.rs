@@ -103,6 +103,53 @@ proptest! {
     }
 }
 
+/// `forward_new` (uninitialised buffers where the product writes every value) against `forward`
+/// into buffers of NaN: the same bits, y and the pre-activation.
+fn check_new_outputs(m: usize, k: usize, n: usize, gelu: bool, seed: u64) {
+    let x = data(seed, m * k, 2.0);
+    let w = data(seed ^ 1, n * k, 0.5);
+    let b = data(seed ^ 2, n, 0.5);
+    let act = if gelu { Activation::Gelu } else { Activation::Identity };
+    let panels = gemm::pack_panels(&w, n, k).unwrap();
+    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+    on_every_isa(|isa| {
+        let (mut y, mut pre) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+        linear::forward(&x, &w, Some(&b), m, k, n, act, gelu.then_some(&mut pre[..]), &mut y).unwrap();
+        let (y_new, pre_new) = linear::forward_new(&x, &w, Some(&b), m, k, n, act, gelu).unwrap();
+        assert!(same(&y_new, &y), "{isa:?} {m}x{k}x{n} y");
+        assert_eq!(pre_new.is_some(), gelu);
+        if let Some(p) = pre_new {
+            assert!(same(&p, &pre), "{isa:?} {m}x{k}x{n} pre");
+        }
+        let mut y = vec![f32::NAN; m * n];
+        linear::forward_panels(&x, &panels, Some(&b), m, k, n, act, &mut y).unwrap();
+        let y_new = linear::forward_panels_new(&x, &panels, Some(&b), m, k, n, act).unwrap();
+        assert!(same(&y_new, &y), "{isa:?} {m}x{k}x{n} panels");
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(30))]
+
+    #[test]
+    fn linear_into_new_buffers_equals_linear_into_given_ones(seed in seed(), m in 0usize..120, k in 0usize..80,
+                                                             n in 0usize..90, gelu in any::<bool>()) {
+        check_new_outputs(m, k, n, gelu, seed);
+    }
+}
+
+#[test]
+fn linear_into_new_buffers_across_cache_blocks_and_thread_splits() {
+    for (m, k, n) in [(151, 520, 48), (13, 300, 3100), (456, 200, 304)] {
+        check_new_outputs(m, k, n, true, 5);
+    }
+    // Shapes are checked before anything is written.
+    let e = linear::forward_new(&[0.0; 6], &[0.0; 5], None, 2, 3, 2, Activation::Identity, false).unwrap_err();
+    assert!(e.to_string().contains("weight"), "{e}");
+    let e = linear::forward_new(&[0.0; 6], &[0.0; 6], None, 2, 3, 2, Activation::Identity, true).unwrap_err();
+    assert!(e.to_string().contains("pre-activation"), "{e}");
+}
+
 #[test]
 fn packed_weights_cross_cache_blocks_and_thread_splits() {
     // k past one k-block, n past one column block (and not a multiple of 16), m split over threads.

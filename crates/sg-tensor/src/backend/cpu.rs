@@ -7,7 +7,7 @@ use super::{
     conv_src, split_two, Backend, Conv2dDims, Grad, GroupNormDims, MaeLoss, MaeLossDims, ParamGrads, Slice, SliceMut,
 };
 use crate::error::{check_len, Result, TensorError};
-use crate::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
+use crate::kernels::attention::{self, AttnShape, Rows};
 use crate::kernels::gemm::{self, gemm, Trans};
 use crate::kernels::linear::{self, Activation};
 use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, Dst};
@@ -200,16 +200,9 @@ impl Backend for Cpu {
         act: Activation,
         keep: bool,
     ) -> Result<(Buf, Option<Buf>)> {
-        let mut y = vec![0.0; m * n];
-        let bias = b.as_ref().map(sl);
-        if keep && act == Activation::Gelu {
-            let mut pre = vec![0.0; m * n];
-            linear::forward(x, sl(&w), bias, m, k, n, act, Some(&mut pre), &mut y)?;
-            Ok((Arc::new(y), Some(Arc::new(pre))))
-        } else {
-            linear::forward(x, sl(&w), bias, m, k, n, act, None, &mut y)?;
-            Ok((Arc::new(y), None))
-        }
+        let keep_pre = keep && act == Activation::Gelu;
+        let (y, pre) = linear::forward_new(x, sl(&w), b.as_ref().map(sl), m, k, n, act, keep_pre)?;
+        Ok((Arc::new(y), pre.map(Arc::new)))
     }
 
     fn pack_linear_weight(&self, w: &[f32], n: usize, k: usize) -> Option<Vec<f32>> {
@@ -231,9 +224,7 @@ impl Backend for Cpu {
         n: usize,
         act: Activation,
     ) -> Result<Buf> {
-        let mut y = vec![0.0; m * n];
-        linear::forward_panels(x, sl(&w), b.as_ref().map(sl), m, k, n, act, &mut y)?;
-        Ok(Arc::new(y))
+        Ok(Arc::new(linear::forward_panels_new(x, sl(&w), b.as_ref().map(sl), m, k, n, act)?))
     }
 
     fn linear_backward(
@@ -348,16 +339,9 @@ impl Backend for Cpu {
         let w = s.heads * s.head_dim;
         check_len("attention", "qkv", qkv.len(), s.batch * s.seq * 3 * w)?;
         let (q, k, v) = qkv_rows(qkv, w);
-        let mut o = vec![0.0; s.batch * s.seq * w];
         let scale = 1.0 / (s.head_dim as f32).sqrt();
-        if keep {
-            let mut lse = vec![0.0; s.batch * s.heads * s.seq];
-            attention::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, Some(&mut lse))?;
-            Ok((Arc::new(o), Some(Arc::new(lse))))
-        } else {
-            attention::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, None)?;
-            Ok((Arc::new(o), None))
-        }
+        let (o, lse) = attention::forward_new(s, q, k, v, scale, keep)?;
+        Ok((Arc::new(o), lse.map(Arc::new)))
     }
 
     fn attention_backward(
@@ -375,15 +359,10 @@ impl Backend for Cpu {
         let o = Rows { data: out, ld: w };
         let d = Rows { data: dout, ld: w };
         match dqkv {
-            None => {
-                let mut g = vec![0.0; qkv.len()];
-                attention::backward(s, q, k, v, o, d, lse, scale, QkvGrad::Packed(&mut g))?;
-                *dqkv = Some(Arc::new(g));
-            }
+            None => *dqkv = Some(Arc::new(attention::backward_new(s, q, k, v, o, d, lse, scale)?)),
             Some(existing) => {
                 // The kernel overwrites; a second contributor is rare (qkv feeds only attention).
-                let mut g = vec![0.0; qkv.len()];
-                attention::backward(s, q, k, v, o, d, lse, scale, QkvGrad::Packed(&mut g))?;
+                let g = attention::backward_new(s, q, k, v, o, d, lse, scale)?;
                 elementwise::add_assign(Arc::make_mut(existing).as_mut_slice(), &g)?;
             }
         }

@@ -14,7 +14,7 @@
 //! feeds the output projection directly: no head transposes anywhere.
 
 use super::tile;
-use super::{math, softmax::dot_serial, Dst};
+use super::{math, softmax::dot_serial};
 use crate::error::{check_len, check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
 use crate::simd::{isa, Scalar, Simd};
@@ -101,16 +101,58 @@ pub fn forward(
     out: RowsMut,
     lse: Option<&mut [f32]>,
 ) -> Result<()> {
+    let lse = lse.map(|l| (SendPtr(l.as_mut_ptr()), l.len()));
+    forward_to(s, q, k, v, scale, (SendPtr(out.data.as_mut_ptr()), out.data.len(), out.ld), lse)
+}
+
+/// [`forward`] into new buffers: `out` (`batch * seq` rows of `heads * head_dim`) and, with
+/// `keep_lse`, the log-sum-exps. Every value is written by the kernel, so neither is zeroed first.
+pub fn forward_new(
+    s: AttnShape,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    scale: f32,
+    keep_lse: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let n_out = s.batch * s.seq * s.width();
+    let n_lse = s.batch * s.heads * s.seq;
+    let (mut out, mut lse) = (Vec::<f32>::with_capacity(n_out), keep_lse.then(|| Vec::<f32>::with_capacity(n_lse)));
+    let lse_to = lse.as_mut().map(|l| (SendPtr(l.as_mut_ptr()), n_lse));
+    forward_to(s, q, k, v, scale, (SendPtr(out.as_mut_ptr()), n_out, s.width()), lse_to)?;
+    // SAFETY: the kernel returned Ok, so every task wrote its head's columns of every row of its
+    // batch (together: all of `out`, whose row stride is exactly heads x head_dim) and its `seq`
+    // log-sum-exps, through raw pointers, before anything read them.
+    unsafe {
+        out.set_len(n_out);
+        if let Some(l) = lse.as_mut() {
+            l.set_len(n_lse);
+        }
+    }
+    Ok((out, lse))
+}
+
+/// The forward behind both entry points: `out` as (start, length, row stride), `lse` as (start,
+/// length); both are only written, through raw pointers.
+fn forward_to(
+    s: AttnShape,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    scale: f32,
+    (out_ptr, out_len, ld_out): (SendPtr, usize, usize),
+    lse: Option<(SendPtr, usize)>,
+) -> Result<()> {
     let op = "attention::forward";
     s.check(op)?;
     check_rows(op, "q", &s, q.ld, q.data.len())?;
     check_rows(op, "k", &s, k.ld, k.data.len())?;
     check_rows(op, "v", &s, v.ld, v.data.len())?;
-    check_rows(op, "out", &s, out.ld, out.data.len())?;
+    check_rows(op, "out", &s, ld_out, out_len)?;
     let lse_ptr = match lse {
-        Some(l) => {
-            check_len(op, "lse", l.len(), s.batch * s.heads * s.seq)?;
-            Some(SendPtr(l.as_mut_ptr()))
+        Some((p, len)) => {
+            check_len(op, "lse", len, s.batch * s.heads * s.seq)?;
+            Some(p)
         }
         None => None,
     };
@@ -118,8 +160,7 @@ pub fn forward(
         return Ok(());
     }
     let isa = isa();
-    let op_ = SendPtr(out.data.as_mut_ptr());
-    let ld_out = out.ld;
+    let op_ = out_ptr;
     let tasks = s.batch * s.heads;
     par::for_each(tasks, tasks > 1 && par::can_split(), |t| {
         let at = |t: usize, ld: usize| head_offset(&s, t, ld);
@@ -206,6 +247,22 @@ fn exp_shift_sum<S: Simd>(row: &mut [f32], m: f32) -> f32 {
         i += 1;
     }
     sum
+}
+
+/// `dst[j] = src[j] * a`, written through a raw pointer (into a buffer that may be new and not
+/// yet initialised); the same product as [`scale_row`].
+#[inline(always)]
+unsafe fn scale_to<S: Simd>(src: &[f32], a: f32, dst: *mut f32) {
+    let (n, sp, va) = (src.len(), src.as_ptr(), S::splat(a));
+    let mut i = 0;
+    while i + S::LANES <= n {
+        S::store(dst.add(i), S::mul(S::load(sp.add(i)), va));
+        i += S::LANES;
+    }
+    while i < n {
+        *dst.add(i) = *sp.add(i) * a;
+        i += 1;
+    }
 }
 
 #[inline(always)]
@@ -299,9 +356,7 @@ unsafe fn forward_head<S: Simd>(
             tile::matmul::<S>(bq, hd, nk, 1.0, sc.as_ptr(), nkp, 1, v.add(j0 * ldv), ldv, acc.as_mut_ptr(), hd, !first);
         }
         for r in 0..bq {
-            let o = std::slice::from_raw_parts_mut(out.add((i0 + r) * ldo), hd);
-            let inv = 1.0 / l[r];
-            super::unary_serial::<S, Mul>(&Mul(inv), &acc[r * hd..(r + 1) * hd], o, Dst::Overwrite);
+            scale_to::<S>(&acc[r * hd..(r + 1) * hd], 1.0 / l[r], out.add((i0 + r) * ldo));
             if let Some(lp) = lse {
                 *lp.add(i0 + r) = m[r] + l[r].ln();
             }
@@ -323,6 +378,51 @@ pub fn backward(
     scale: f32,
     grads: QkvGrad,
 ) -> Result<()> {
+    backward_to(s, q, k, v, o, dout, lse, scale, Dest::Given(grads))
+}
+
+/// [`backward`] into a new packed buffer (rows `[dq | dk | dv]`, as [`QkvGrad::Packed`]). Every
+/// value is written by the kernel, so it is not zeroed first.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_new(
+    s: AttnShape,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    o: Rows,
+    dout: Rows,
+    lse: &[f32],
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let n = s.batch * s.seq * 3 * s.width();
+    let mut g = Vec::<f32>::with_capacity(n);
+    backward_to(s, q, k, v, o, dout, lse, scale, Dest::New(SendPtr(g.as_mut_ptr())))?;
+    // SAFETY: the kernel returned Ok, so every task wrote dq, dk and dv of its head for every row
+    // of its batch (together: every value of the `batch * seq` rows of `3 * heads * head_dim`),
+    // through raw pointers, before anything read them.
+    unsafe { g.set_len(n) };
+    Ok(g)
+}
+
+/// Where [`backward_to`] writes.
+enum Dest<'a> {
+    Given(QkvGrad<'a>),
+    /// The start of a new packed buffer of exactly `batch * seq * 3 * heads * head_dim` values.
+    New(SendPtr),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_to(
+    s: AttnShape,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    o: Rows,
+    dout: Rows,
+    lse: &[f32],
+    scale: f32,
+    grads: Dest,
+) -> Result<()> {
     let op = "attention::backward";
     s.check(op)?;
     for (name, r) in [("q", &q), ("k", &k), ("v", &v), ("o", &o), ("dout", &dout)] {
@@ -331,8 +431,13 @@ pub fn backward(
     check_len(op, "lse", lse.len(), s.batch * s.heads * s.seq)?;
     let w = s.width();
     // Base pointers and row strides of dq, dk, dv.
+    // Rows [dq | dk | dv] from `p`: offsets w and 2w lie inside the buffer (or it is empty and
+    // never written: `wrapping_add` then makes no claim about an allocation).
+    let packed =
+        |p: *mut f32| (SendPtr(p), SendPtr(p.wrapping_add(w)), SendPtr(p.wrapping_add(2 * w)), 3 * w, 3 * w, 3 * w);
     let (dq, dk, dv, lddq, lddk, lddv) = match grads {
-        QkvGrad::Separate { dq, dk, dv } => {
+        Dest::New(p) => packed(p.get()),
+        Dest::Given(QkvGrad::Separate { dq, dk, dv }) => {
             check_rows(op, "dq", &s, dq.ld, dq.data.len())?;
             check_rows(op, "dk", &s, dk.ld, dk.data.len())?;
             check_rows(op, "dv", &s, dv.ld, dv.data.len())?;
@@ -345,11 +450,9 @@ pub fn backward(
                 dv.ld,
             )
         }
-        QkvGrad::Packed(buf) => {
+        Dest::Given(QkvGrad::Packed(buf)) => {
             check_len(op, "dqkv", buf.len(), s.batch * s.seq * 3 * w)?;
-            let p = buf.as_mut_ptr();
-            // SAFETY: offsets w and 2w lie inside the checked buffer (or it is empty and unused).
-            unsafe { (SendPtr(p), SendPtr(p.add(w)), SendPtr(p.add(2 * w)), 3 * w, 3 * w, 3 * w) }
+            packed(buf.as_mut_ptr())
         }
     };
     if s.seq == 0 || s.batch == 0 {

@@ -91,7 +91,29 @@ pub fn gemm(
     c: &mut [f32],
     ldc: usize,
 ) -> Result<()> {
-    gemm_epilogue(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, Fuse::NONE, &|_, _| {})
+    let out = Out::of(c);
+    gemm_epilogue(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, out, ldc, Fuse::NONE, &|_, _| {})
+}
+
+/// C's storage for the crate's own callers: a start and a length, so C may be a new buffer that the
+/// product fills (its values are never read when `beta` is 0 and only written by the product).
+#[derive(Clone, Copy)]
+pub(crate) struct Out {
+    pub ptr: SendPtr,
+    pub len: usize,
+}
+
+impl Out {
+    pub(crate) fn of(c: &mut [f32]) -> Out {
+        Out { ptr: SendPtr(c.as_mut_ptr()), len: c.len() }
+    }
+}
+
+/// Whether a Linear's product here writes every value of C and of the GELU output itself, without
+/// reading them first (our packed kernel with the bias and GELU in its store, `beta = 0`,
+/// `k > 0`), so that new output buffers need not be zeroed first.
+pub(crate) fn fills_output(k: usize) -> bool {
+    fuses_bias_gelu() && k > 0
 }
 
 /// Columns per panel of a pre-packed right-hand operand ([`pack_panels`]).
@@ -193,7 +215,7 @@ pub(crate) fn gemm_epilogue(
     b: &[f32],
     ldb: usize,
     beta: f32,
-    c: &mut [f32],
+    c: Out,
     ldc: usize,
     fuse: Fuse,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
@@ -216,7 +238,7 @@ pub(crate) fn gemm_panels_epilogue(
     lda: usize,
     panels: &[f32],
     beta: f32,
-    c: &mut [f32],
+    c: Out,
     ldc: usize,
     fuse: Fuse,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
@@ -236,7 +258,7 @@ fn product(
     lda: usize,
     b: BOp,
     beta: f32,
-    c: &mut [f32],
+    c: Out,
     ldc: usize,
     fuse: Fuse,
     epilogue: &(dyn Fn(Block, SendPtr) + Sync),
@@ -244,7 +266,7 @@ fn product(
     let op = "gemm";
     let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
     check_operand(op, "a", ar, ac, lda, a.len())?;
-    check_operand(op, "c", m, n, ldc, c.len())?;
+    check_operand(op, "c", m, n, ldc, c.len)?;
     if let Some(b) = fuse.bias {
         check_len(op, "bias", b.len(), n)?;
     }
@@ -259,7 +281,7 @@ fn product(
         return Ok(());
     }
     let (rsa, csa) = strides(ta, lda);
-    let cp = SendPtr(c.as_mut_ptr());
+    let cp = c.ptr;
     let ap = a.as_ptr() as usize;
     let kernel = kernel();
     // The fused epilogue from column `c0` on (checked above: only with the packed kernel).

@@ -3,7 +3,7 @@
 //! (our AVX2+FMA kernel: C is written once), elsewhere in an epilogue pass over each block of y
 //! while it is still in cache; the same operations in the same order either way.
 
-use super::gemm::{self, gemm, gemm_epilogue, Block, Fuse, Trans};
+use super::gemm::{self, gemm, gemm_epilogue, Block, Fuse, Out, Trans};
 use super::{gelu, math, reduce, unary_inplace_serial, Dst, Unary};
 use crate::error::{check_len, Result, TensorError};
 use crate::par::SendPtr;
@@ -89,57 +89,7 @@ pub fn forward(
     pre: Option<&mut [f32]>,
     y: &mut [f32],
 ) -> Result<()> {
-    let op = "linear::forward";
-    check_dims(op, x.len(), w.len(), bias.map(|b| b.len()), m, k, n)?;
-    check_len(op, "y", y.len(), m * n)?;
-    let isa = isa();
-    let (yp, y_len) = (SendPtr(y.as_mut_ptr()), y.len());
-    match pre {
-        Some(pre) => {
-            check_len(op, "pre", pre.len(), m * n)?;
-            if act != Activation::Gelu {
-                return Err(TensorError::Arg { op, msg: "a pre-activation buffer needs an activation".into() });
-            }
-            let (fuse, bias, act) = split_epilogue(k, bias, act, Some((yp, y_len)));
-            gemm_epilogue(
-                Trans::N,
-                Trans::T,
-                m,
-                n,
-                k,
-                1.0,
-                x,
-                k,
-                w,
-                k,
-                0.0,
-                pre,
-                n,
-                fuse,
-                &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), yp.get(), bias, act)),
-            )
-        }
-        None => {
-            let (fuse, bias, act) = split_epilogue(k, bias, act, None);
-            gemm_epilogue(
-                Trans::N,
-                Trans::T,
-                m,
-                n,
-                k,
-                1.0,
-                x,
-                k,
-                w,
-                k,
-                0.0,
-                y,
-                n,
-                fuse,
-                &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
-            )
-        }
-    }
+    forward_to(x, Weight::Stored(w), bias, m, k, n, act, pre.map(Out::of), Out::of(y))
 }
 
 /// [`forward`] for inference with a weight already in the GEMM's panel layout
@@ -155,27 +105,127 @@ pub fn forward_panels(
     act: Activation,
     y: &mut [f32],
 ) -> Result<()> {
-    let op = "linear::forward_panels";
-    check_dims(op, x.len(), n * k, bias.map(|b| b.len()), m, k, n)?;
-    check_len(op, "weight panels", w_panels.len(), super::gemm::panels_len(k, n))?;
-    check_len(op, "y", y.len(), m * n)?;
+    forward_to(x, Weight::Panels(w_panels), bias, m, k, n, act, None, Out::of(y))
+}
+
+/// [`forward`] into new buffers: `y`, and the pre-activation when `keep_pre`. Where the product
+/// writes every value itself (our packed AVX2+FMA kernel, which also applies the bias and GELU)
+/// they are not zeroed first: zeroing them took about 1% of a training or inference step.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_new(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Activation,
+    keep_pre: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    new_outputs(m * n, k, keep_pre, |pre, y| forward_to(x, Weight::Stored(w), bias, m, k, n, act, pre, y))
+}
+
+/// [`forward_panels`] into a new buffer, as [`forward_new`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward_panels_new(
+    x: &[f32],
+    w_panels: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Activation,
+) -> Result<Vec<f32>> {
+    let run = |_, y| forward_to(x, Weight::Panels(w_panels), bias, m, k, n, act, None, y);
+    Ok(new_outputs(m * n, k, false, run)?.0)
+}
+
+/// Buffers of `len` values for y (and the pre-activation), filled by `run`: left uninitialised
+/// where the product writes all of them ([`gemm::fills_output`]), zeroed otherwise.
+fn new_outputs(
+    len: usize,
+    k: usize,
+    keep_pre: bool,
+    run: impl FnOnce(Option<Out>, Out) -> Result<()>,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let fills = gemm::fills_output(k);
+    let new = |len: usize| if fills { Vec::with_capacity(len) } else { vec![0f32; len] };
+    let (mut y, mut pre) = (new(len), keep_pre.then(|| new(len)));
+    // The capacity's start and length: `run` writes there through raw pointers only.
+    let out = |v: &mut Vec<f32>| Out { ptr: SendPtr(v.as_mut_ptr()), len };
+    run(pre.as_mut().map(out), out(&mut y))?;
+    if fills {
+        // SAFETY: `run` returned Ok, so the product wrote all `len` values of each buffer: under
+        // `fills_output` its first k-block stores every element of C and its last every element
+        // of the GELU output, and nothing reads them before (beta is 0). The tests check this on
+        // buffers filled with NaN.
+        unsafe {
+            y.set_len(len);
+            if let Some(p) = pre.as_mut() {
+                p.set_len(len);
+            }
+        }
+    }
+    Ok((y, pre))
+}
+
+/// The weight operand of [`forward_to`].
+#[derive(Clone, Copy)]
+enum Weight<'a> {
+    /// `(n, k)`, as PyTorch stores it.
+    Stored(&'a [f32]),
+    /// In the GEMM's panel layout ([`super::gemm::pack_panels`]).
+    Panels(&'a [f32]),
+}
+
+/// Every forward entry point above. The product writes `y` and `pre` before anything reads them
+/// (where the kernel does not fuse, the epilogue pass reads only values the product wrote).
+#[allow(clippy::too_many_arguments)]
+fn forward_to(
+    x: &[f32],
+    w: Weight,
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+    act: Activation,
+    pre: Option<Out>,
+    y: Out,
+) -> Result<()> {
+    let op = match w {
+        Weight::Stored(w) => {
+            check_dims("linear::forward", x.len(), w.len(), bias.map(|b| b.len()), m, k, n)?;
+            "linear::forward"
+        }
+        Weight::Panels(p) => {
+            let op = "linear::forward_panels";
+            check_dims(op, x.len(), n * k, bias.map(|b| b.len()), m, k, n)?;
+            check_len(op, "weight panels", p.len(), super::gemm::panels_len(k, n))?;
+            op
+        }
+    };
+    check_len(op, "y", y.len, m * n)?;
+    // C: the pre-activation when kept (GELU then goes to y), else y itself.
+    let (c, gelu_to) = match pre {
+        Some(pre) => {
+            check_len(op, "pre", pre.len, m * n)?;
+            if act != Activation::Gelu {
+                return Err(TensorError::Arg { op, msg: "a pre-activation buffer needs an activation".into() });
+            }
+            (pre, Some(y))
+        }
+        None => (y, None),
+    };
+    let (fuse, bias, act) = split_epilogue(k, bias, act, gelu_to.map(|o| (o.ptr, o.len)));
     let isa = isa();
-    let (fuse, bias, act) = split_epilogue(k, bias, act, None);
-    gemm::gemm_panels_epilogue(
-        Trans::N,
-        m,
-        n,
-        k,
-        1.0,
-        x,
-        k,
-        w_panels,
-        0.0,
-        y,
-        n,
-        fuse,
-        &|blk, p| crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), p.get(), bias, act)),
-    )
+    let epilogue = |blk: Block, p: SendPtr| {
+        let dst = gelu_to.map_or(p, |o| o.ptr);
+        crate::dispatch!(isa, epilogue_rows[](blk, n, p.get(), dst.get(), bias, act))
+    };
+    match w {
+        Weight::Stored(w) => gemm_epilogue(Trans::N, Trans::T, m, n, k, 1.0, x, k, w, k, 0.0, c, n, fuse, &epilogue),
+        Weight::Panels(p) => gemm::gemm_panels_epilogue(Trans::N, m, n, k, 1.0, x, k, p, 0.0, c, n, fuse, &epilogue),
+    }
 }
 
 /// Backward of [`forward`] without activation: `dw += dy^T x`, `db += sum_rows dy`, and, when asked,
