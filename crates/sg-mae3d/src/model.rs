@@ -71,6 +71,7 @@ impl MaeConfig {
         if !self.spectral_angle_weight.is_finite() || self.spectral_angle_weight < 0.0 {
             return bad(format!("spectral_angle_weight {} must be a non-negative number", self.spectral_angle_weight));
         }
+        sg_vit::config::check_size(Mae3d::param_estimate(self), self.encoder.grid())?;
         if super::masking::kept(self.encoder.tokens(), self.mask_ratio) == 0 {
             return bad(format!("mask_ratio {} keeps no token of {}", self.mask_ratio, self.encoder.tokens()));
         }
@@ -210,17 +211,28 @@ impl Mae3d {
             .then_some(SpectralAngle { weight: w, pixels: self.cfg.encoder.patch_size * self.cfg.encoder.patch_size })
     }
 
-    /// Parameters of a model with `cfg`, counted without building it (matches [`Mae3d::new`]).
+    /// Parameters of a model with a validated `cfg`, counted without building it (matches
+    /// [`Mae3d::new`]).
     pub fn param_count(cfg: &MaeConfig) -> usize {
-        let (d, dd, td) = (cfg.encoder.embed_dim, cfg.decoder_embed_dim, cfg.encoder.token_dim());
-        let (t, h, w) = cfg.encoder.grid();
-        let hidden = (dd as f64 * cfg.encoder.mlp_ratio) as usize;
-        Vit::param_count(&cfg.encoder)
+        Self::param_estimate(cfg) as usize
+    }
+
+    /// [`Mae3d::param_count`] as f64, for any config (no overflow): what [`MaeConfig::validate`]
+    /// bounds.
+    pub fn param_estimate(cfg: &MaeConfig) -> f64 {
+        let f = |v: usize| v as f64;
+        let e = &cfg.encoder;
+        let (d, dd) = (f(e.embed_dim), f(cfg.decoder_embed_dim));
+        let td = f(e.t_patch_size) * f(e.patch_size) * f(e.patch_size);
+        let (t, h, w) = e.grid();
+        // `int(Dd * mlp_ratio)` as PyTorch truncates it (saturating for absurd ratios).
+        let hidden = f((dd * e.mlp_ratio) as usize);
+        Vit::param_estimate(e)
             + (d * dd + dd)
             + dd
-            + (h * w + t) * dd
-            + cfg.decoder_depth * sg_vit::model::block_params(dd, hidden)
-            + 2 * dd
+            + (f(h) * f(w) + f(t)) * dd
+            + f(cfg.decoder_depth) * sg_vit::model::block_params(dd, hidden)
+            + 2.0 * dd
             + (dd * td + td)
     }
 

@@ -48,6 +48,12 @@ fn parameter_counts_equal_spec() {
     assert_eq!(count("base", 128), 98_640_320);
     assert_eq!(count("large", 128), 316_142_784);
     assert_eq!(count("huge", 128), 643_759_040);
+    // A decoder too large to hold is a config error, not an aborting allocation.
+    let mut cfg = MaeConfig::preset("tiny", 96).unwrap();
+    cfg.decoder_embed_dim = 1 << 40;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("parameters") && e.contains("decoder"), "{e}");
+    assert!(Mae3d::new(cfg, &mut ParamStore::new(), 0).is_err());
     // The count is the one the built model has (base is built: 394 MB of f32).
     for (name, img) in [("tiny", 96), ("base", 96)] {
         let cfg = MaeConfig::preset(name, img).unwrap();

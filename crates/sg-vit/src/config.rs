@@ -54,6 +54,30 @@ fn err(msg: String) -> TensorError {
     TensorError::Arg { op: "config", msg }
 }
 
+/// The most parameters a config may ask for: 2^33 (34 GB of f32 weights), 13 times `huge`. A
+/// config file with a mistyped size is then an error naming it, not an allocation that aborts.
+pub const MAX_PARAMS: f64 = 8_589_934_592.0;
+
+/// The most tokens an image may have (`2^32`: token indices stay small and exact everywhere).
+pub const MAX_TOKENS: f64 = 4_294_967_296.0;
+
+/// Bounds a model's parameter count (as from `param_estimate`) and its token grid `(t, h, w)`.
+pub fn check_size(params: f64, (t, h, w): (usize, usize, usize)) -> Result<()> {
+    let tokens = t as f64 * h as f64 * w as f64;
+    if tokens > MAX_TOKENS {
+        return Err(err(format!(
+            "{t} x {h} x {w} = {tokens:.3e} tokens per image, more than 2^32: check img_size and bands"
+        )));
+    }
+    if params.is_nan() || params > MAX_PARAMS {
+        return Err(err(format!(
+            "the model would have {params:.3e} parameters ({:.3e} GB as f32), more than 2^33: check embed_dim, depth, mlp_ratio, img_size and the decoder sizes",
+            params * 4e-9
+        )));
+    }
+    Ok(())
+}
+
 impl VitConfig {
     /// A named size at `img` px with 12 bands, p = 8, u = 3, no head.
     pub fn preset(name: &str, img: usize) -> Result<Self> {
@@ -102,6 +126,7 @@ impl VitConfig {
                 return Err(err(format!("{name} {r} is outside [0, 1)")));
             }
         }
+        check_size(crate::model::Vit::param_estimate(self), self.grid())?;
         if self.skip_first_token && self.tokens() < 2 {
             return Err(err("skip_first_token needs at least two tokens".into()));
         }

@@ -120,9 +120,10 @@ impl Block {
     }
 }
 
-/// Parameters of one block of width `d` and MLP width `hidden`.
-pub fn block_params(d: usize, hidden: usize) -> usize {
-    2 * d + 4 * (d * d + d) + 2 * d + (hidden * d + hidden) + (d * hidden + d)
+/// Parameters of one block of width `d` and MLP width `hidden`. Counted in f64, which is exact
+/// below 2^53 and cannot overflow on the absurd sizes that [`VitConfig::validate`] must reject.
+pub fn block_params(d: f64, hidden: f64) -> f64 {
+    2.0 * d + 4.0 * (d * d + d) + 2.0 * d + (hidden * d + hidden) + (d * hidden + d)
 }
 
 /// The encoder's position embedding.
@@ -203,16 +204,23 @@ impl Vit {
         Ok(Vit { cfg, patch_embed, pos, blocks, norm, head })
     }
 
-    /// Parameters of a model with `cfg`, counted without building it (matches [`Vit::new`]).
+    /// Parameters of a model with a validated `cfg`, counted without building it (matches
+    /// [`Vit::new`]).
     pub fn param_count(cfg: &VitConfig) -> usize {
-        let (d, td) = (cfg.embed_dim, cfg.token_dim());
+        Self::param_estimate(cfg) as usize
+    }
+
+    /// [`Vit::param_count`] as f64, for any config: what [`VitConfig::validate`] bounds.
+    pub fn param_estimate(cfg: &VitConfig) -> f64 {
+        let f = |v: usize| v as f64;
+        let (d, td) = (f(cfg.embed_dim), f(cfg.t_patch_size) * f(cfg.patch_size) * f(cfg.patch_size));
         let (t, h, w) = cfg.grid();
         let pos = match cfg.pos_embed {
-            PosEmbed::Separate => (h * w + t) * d,
-            PosEmbed::Joined => cfg.tokens() * d,
+            PosEmbed::Separate => (f(h) * f(w) + f(t)) * d,
+            PosEmbed::Joined => f(t) * f(h) * f(w) * d,
         };
-        let head = if cfg.num_classes > 0 { cfg.num_classes * (d + 1) } else { 0 };
-        d * td + d + pos + cfg.depth * block_params(d, cfg.mlp_hidden()) + 2 * d + head
+        let head = if cfg.num_classes > 0 { f(cfg.num_classes) * (d + 1.0) } else { 0.0 };
+        d * td + d + pos + f(cfg.depth) * block_params(d, f(cfg.mlp_hidden())) + 2.0 * d + head
     }
 
     /// Tokens of a batch of images `(N, bands, H, W)` in the model's band order; non-finite pixels

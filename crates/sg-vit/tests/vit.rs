@@ -46,6 +46,20 @@ fn bad_geometry_and_configs_are_named() {
     assert!(e.to_string().contains("img_size"), "{e}");
     assert!(parse_json("{not json", "cfg.json").unwrap_err().to_string().contains("cfg.json"));
     assert!(VitConfig::preset("enormous", 96).is_err());
+    // Sizes that would overflow or exhaust memory are errors naming them, before any allocation.
+    for (json, says) in [
+        (r#"{"embed_dim": 3298534883328, "num_heads": 3}"#, "parameters"),
+        (r#"{"depth": 1000000000000}"#, "parameters"),
+        (r#"{"mlp_ratio": 1e300}"#, "parameters"),
+        (r#"{"img_size": [800000, 800000]}"#, "tokens per image"),
+    ] {
+        let mut c = VitConfig::preset("tiny", 96).unwrap();
+        let e = c.update_from_json(&parse_json(json, "x").unwrap()).unwrap_err().to_string();
+        assert!(e.contains(says), "{json}: {e}");
+    }
+    let mut c = VitConfig::preset("tiny", 96).unwrap();
+    c.depth = usize::MAX;
+    assert!(Vit::new(c, &mut ParamStore::new(), 0).unwrap_err().to_string().contains("parameters"));
     // Non-square images and other band counts are fine.
     let mut c = VitConfig::preset("tiny", 96).unwrap();
     c.update_from_json(&parse_json(r#"{"img_size": [64, 128], "bands": 102, "t_patch_size": 6}"#, "x").unwrap())
