@@ -65,21 +65,19 @@ fn run(s: AttnShape, seed: u64, packed: bool) {
             assert!(e <= 2e-5, "{isa:?} {s:?} {name} {e}");
         }
         // Into new (unzeroed) buffers: the same bits.
-        let same =
-            |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         let (o_new, lse_new) = attention::forward_new(s, qr, kr, vr, scale, true).unwrap();
-        assert!(same(&o_new, &o) && same(&lse_new.unwrap(), &lse), "{isa:?} {s:?} forward_new");
+        assert!(same_bits(&o_new, &o) && same_bits(&lse_new.unwrap(), &lse), "{isa:?} {s:?} forward_new");
         let (o_new, none) = attention::forward_new(s, qr, kr, vr, scale, false).unwrap();
-        assert!(same(&o_new, &o) && none.is_none());
+        assert!(same_bits(&o_new, &o) && none.is_none());
         let g = attention::backward_new(s, qr, kr, vr, orow, Rows { data: &dout, ld: w }, &lse, scale).unwrap();
         assert_eq!(g.len(), 3 * n);
         for r in 0..s.batch * s.seq {
             let row = &g[r * 3 * w..(r + 1) * 3 * w];
             let rows = r * w..(r + 1) * w;
             assert!(
-                same(&row[..w], &dq[rows.clone()])
-                    && same(&row[w..2 * w], &dk[rows.clone()])
-                    && same(&row[2 * w..], &dv[rows]),
+                same_bits(&row[..w], &dq[rows.clone()])
+                    && same_bits(&row[w..2 * w], &dk[rows.clone()])
+                    && same_bits(&row[2 * w..], &dv[rows]),
                 "{isa:?} {s:?} backward_new row {r}"
             );
         }

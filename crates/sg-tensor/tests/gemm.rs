@@ -98,7 +98,7 @@ proptest! {
             let mut got = vec![f32::NAN; m * n];
             linear::forward_panels(&x, &panels, Some(&b), m, k, n, act, &mut got).unwrap();
             // Same kernel, same blocks over k: the same bits, not just close.
-            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "{isa:?} {m}x{k}x{n}");
+            assert!(same_bits(&got, &want), "{isa:?} {m}x{k}x{n}");
         });
     }
 }
@@ -111,20 +111,19 @@ fn check_new_outputs(m: usize, k: usize, n: usize, gelu: bool, seed: u64) {
     let b = data(seed ^ 2, n, 0.5);
     let act = if gelu { Activation::Gelu } else { Activation::Identity };
     let panels = gemm::pack_panels(&w, n, k).unwrap();
-    let same = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
     on_every_isa(|isa| {
         let (mut y, mut pre) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
         linear::forward(&x, &w, Some(&b), m, k, n, act, gelu.then_some(&mut pre[..]), &mut y).unwrap();
         let (y_new, pre_new) = linear::forward_new(&x, &w, Some(&b), m, k, n, act, gelu).unwrap();
-        assert!(same(&y_new, &y), "{isa:?} {m}x{k}x{n} y");
+        assert!(same_bits(&y_new, &y), "{isa:?} {m}x{k}x{n} y");
         assert_eq!(pre_new.is_some(), gelu);
         if let Some(p) = pre_new {
-            assert!(same(&p, &pre), "{isa:?} {m}x{k}x{n} pre");
+            assert!(same_bits(&p, &pre), "{isa:?} {m}x{k}x{n} pre");
         }
         let mut y = vec![f32::NAN; m * n];
         linear::forward_panels(&x, &panels, Some(&b), m, k, n, act, &mut y).unwrap();
         let y_new = linear::forward_panels_new(&x, &panels, Some(&b), m, k, n, act).unwrap();
-        assert!(same(&y_new, &y), "{isa:?} {m}x{k}x{n} panels");
+        assert!(same_bits(&y_new, &y), "{isa:?} {m}x{k}x{n} panels");
     });
 }
 

@@ -160,7 +160,6 @@ fn forward_to(
         return Ok(());
     }
     let isa = isa();
-    let op_ = out_ptr;
     let tasks = s.batch * s.heads;
     par::for_each(tasks, tasks > 1 && par::can_split(), |t| {
         let at = |t: usize, ld: usize| head_offset(&s, t, ld);
@@ -170,12 +169,12 @@ fn forward_to(
             let qh = q.data.as_ptr().add(at(t, q.ld));
             let kh = k.data.as_ptr().add(at(t, k.ld));
             let vh = v.data.as_ptr().add(at(t, v.ld));
-            let oh = op_.get().add(at(t, ld_out));
+            let oh = out_ptr.get().add(at(t, ld_out));
             let lh = lse_ptr.map(|p| p.get().add(t * s.seq));
             // The task this thread most likely runs next (rayon hands out ranges of tasks).
             let next = (t + 1 < tasks && s.seq <= PREFETCH_SEQ).then(|| {
                 let n = t + 1;
-                let o = op_.get().add(at(n, ld_out)) as *const f32;
+                let o = out_ptr.get().add(at(n, ld_out)) as *const f32;
                 [
                     q.data.as_ptr().add(at(n, q.ld)),
                     k.data.as_ptr().add(at(n, k.ld)),

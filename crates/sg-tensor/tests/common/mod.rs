@@ -23,6 +23,11 @@ pub fn abs_diff(got: f64, want: f64) -> f64 {
     }
 }
 
+/// Same length and the same bits everywhere (NaN payloads and signed zeros included).
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// Largest of `|got - want| / max(1, |want|)`: absolute near zero, relative for large values.
 pub fn max_err(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length");
