@@ -2,11 +2,12 @@
 
     pip install numpy mpmath && python3 tools/fit_math.py
 
-erf:
-Two pieces, each a relative least-squares fit on Chebyshev nodes against mpmath at 30 digits:
-  |x| <= 1:     erf(x) = x * A(x^2)                 (A of degree 6)
-  1 < |x| < 4:  erf(x) = 1 - exp(-x^2) * B(1/|x|)   (B of degree 10; erfc(x) exp(x^2) is smooth there)
-  |x| >= 4:     erf(x) = +-1 (erfc(4) = 1.5e-8 is below half an f32 ulp of 1)
+erf on |x| < 4 in eight pieces of width 1/2, each a degree-7 polynomial in t = |x| - centre
+(centre 0 for the first piece, written x * Q(x) so that it has no constant term, else the piece's
+midpoint); least squares on Chebyshev nodes over the piece widened by 0.02 at each end, reweighted
+towards minimax (absolute error; relative for the first piece), against mpmath at 30 digits.
+  |x| >= 4:  erf(x) = +-1 (erfc(4) = 1.5e-8 is below half an f32 ulp of 1)
+The kernel looks each lane's coefficients up by piece (one vpermps per coefficient).
 exp on the reduced range |r| <= ln2/2, for attention's softmax (inputs <= 0):
   e^r = 1 + r + r^2 * P(r)                          (P of degree 3; iteratively reweighted towards minimax)
 Prints the coefficients (lowest degree first) as Rust constants and the fit's max relative error.
@@ -17,27 +18,48 @@ import numpy as np
 mp.mp.dps = 30
 
 
-def fit(f, lo, hi, deg, var):
-    n = 2000
-    k = np.arange(n)
-    xs = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.pi * (k + 0.5) / n)
-    ys = np.array([float(f(x)) for x in xs])
-    w = 1 / np.abs(ys)
-    v = np.vander(var(xs), deg + 1, increasing=True)
-    c, *_ = np.linalg.lstsq(v * w[:, None], ys * w, rcond=None)
-    xt = np.linspace(lo, hi, 20001)
-    yt = np.array([float(f(x)) for x in xt])
-    rel = np.max(np.abs(np.vander(var(xt), deg + 1, increasing=True) @ c - yt) / np.abs(yt))
-    return c, rel
+DEG, WIDTH, MARGIN = 7, 0.5, 0.02
 
 
-a, ra = fit(lambda x: mp.erf(x) / x, 1e-6, 1.0, 6, lambda x: x * x)
-b, rb = fit(lambda x: mp.erfc(x) * mp.exp(x * x), 1.0, 4.0, 10, lambda x: 1 / x)
-print(f"// erf(x)/x on |x| <= 1 as a polynomial in x^2; max relative error of the fit {ra:.1e}")
-print("const ERF_A: [f32; 7] = [" + ", ".join(f"{c:.9e}" for c in a) + "];")
-print(f"// erfc(x) exp(x^2) on 1 < x < 4 as a polynomial in 1/x; max relative error of the fit {rb:.1e}")
-print("const ERFC_B: [f32; 11] = [" + ", ".join(f"{c:.9e}" for c in b) + "];")
+def horner_f32(c, t):
+    """Evaluates as the kernel does: f32 coefficients, one rounding per FMA step."""
+    p = np.full_like(t, np.float32(c[-1]), dtype=np.float32)
+    for ci in c[-2::-1]:
+        p = (p.astype(np.float64) * t.astype(np.float64) + float(np.float32(ci))).astype(np.float32)
+    return p
 
+
+pieces, worst = [], 0.0
+for i in range(8):
+    lo, hi = i * WIDTH, (i + 1) * WIDTH
+    centre = 0.0 if i == 0 else lo + WIDTH / 2
+    a, b = max(0.0, lo - MARGIN), hi + MARGIN
+    k = np.arange(3000)
+    xs = (a + b) / 2 + (b - a) / 2 * np.cos(np.pi * (k + 0.5) / 3000)
+    ys = np.array([float(mp.erf(x)) for x in xs])
+    t = xs - centre
+    if i == 0:
+        v, scale = np.vander(t, DEG, increasing=True) * t[:, None], 1 / np.abs(ys)
+    else:
+        v, scale = np.vander(t, DEG + 1, increasing=True), np.ones_like(ys)
+    w = scale.copy()
+    for _ in range(40):
+        c, *_ = np.linalg.lstsq(v * w[:, None], ys * w, rcond=None)
+        err = (v @ c - ys) * scale
+        w = w * (1 + 3 * np.abs(err) / np.abs(err).max())
+    if i == 0:
+        c = np.concatenate([[0.0], c])
+    c32 = np.array([np.float32(x) for x in c])
+    xt = np.linspace(a, b, 20001).astype(np.float32)
+    got = horner_f32(c32, (xt - np.float32(centre)).astype(np.float32)).astype(np.float64)
+    worst = max(worst, np.max(np.abs(got - np.array([float(mp.erf(float(x))) for x in xt]))))
+    pieces.append(c32)
+print(f"// erf in 8 pieces of degree {DEG}; largest absolute error evaluated in f32 {worst:.1e}")
+print("const ERF_CENTRE: [f32; 8] = [" + ", ".join(str(0.0 if i == 0 else i * WIDTH + WIDTH / 2) for i in range(8)) + "];")
+print(f"const ERF_PW: [[f32; 8]; {DEG + 1}] = [")
+for row in np.array(pieces).T:
+    print("    [" + ", ".join(f"{x:.9e}" for x in row) + "],")
+print("];")
 
 lo, hi = -np.log(2) / 2, np.log(2) / 2
 k = np.arange(4000)

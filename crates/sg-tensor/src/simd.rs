@@ -145,6 +145,10 @@ pub trait Simd: Copy + 'static {
     fn pow2i(n: Self::V) -> Self::V;
     /// Lane-wise `if a < b { x } else { y }`.
     fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
+    /// Lane-wise `table[i]` for an integer-valued `i` in 0..8 (AVX2: one `vpermps`). Any other `i`
+    /// (NaN included) picks the same entry on every instruction set: the one at the low three bits
+    /// of x86's float-to-integer conversion (0 for NaN and out-of-range values).
+    fn lookup8(table: &[f32; 8], i: Self::V) -> Self::V;
     fn reduce_sum(a: Self::V) -> f32;
     fn reduce_max(a: Self::V) -> f32;
     /// A hint to bring the cache line holding `p` closer (no effect where the lanes have none).
@@ -253,6 +257,10 @@ impl Simd for Scalar {
         }
     }
     #[inline(always)]
+    fn lookup8(table: &[f32; 8], i: f32) -> f32 {
+        table[cvtt_low3(i)]
+    }
+    #[inline(always)]
     fn reduce_sum(a: f32) -> f32 {
         a
     }
@@ -337,6 +345,10 @@ impl Simd for Portable {
         a.cmp_lt(b).blend(x, y)
     }
     #[inline(always)]
+    fn lookup8(table: &[f32; 8], i: Self::V) -> Self::V {
+        wide::f32x8::from(i.to_array().map(|v| table[cvtt_low3(v)]))
+    }
+    #[inline(always)]
     fn reduce_sum(a: Self::V) -> f32 {
         let v = a.to_array();
         ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
@@ -345,6 +357,14 @@ impl Simd for Portable {
     fn reduce_max(a: Self::V) -> f32 {
         a.to_array().into_iter().fold(f32::NEG_INFINITY, f32::max)
     }
+}
+
+/// The low three bits of x86's truncating float-to-i32 conversion, which gives `i32::MIN` (low bits
+/// 0) for NaN and out-of-range values: the index `vpermps` takes, computed in plain code.
+#[inline(always)]
+fn cvtt_low3(v: f32) -> usize {
+    let i = if v.is_nan() || v >= 2_147_483_648.0 || v < -2_147_483_648.0 { i32::MIN } else { v as i32 };
+    (i & 7) as usize
 }
 
 #[inline(always)]
@@ -440,6 +460,11 @@ mod avx2 {
         #[inline(always)]
         fn select_lt(a: __m256, b: __m256, x: __m256, y: __m256) -> __m256 {
             unsafe { _mm256_blendv_ps(y, x, _mm256_cmp_ps(a, b, _CMP_LT_OQ)) }
+        }
+        #[inline(always)]
+        fn lookup8(table: &[f32; 8], i: __m256) -> __m256 {
+            // SAFETY: the table holds eight floats; vpermps reads only the index's low three bits.
+            unsafe { _mm256_permutevar8x32_ps(_mm256_loadu_ps(table.as_ptr()), _mm256_cvttps_epi32(i)) }
         }
         #[inline(always)]
         fn reduce_sum(a: __m256) -> f32 {

@@ -95,9 +95,88 @@ fn simd_lanes_agree_with_scalar() {
         unsafe { sg_tensor::simd::Portable::store(out.as_mut_ptr(), math::erf::<sg_tensor::simd::Portable>(v)) };
         for (o, &x) in out.iter().zip(c) {
             assert!((o - math::erf::<Scalar>(x)).abs() <= 2e-7);
-            assert!((*o as f64 - math::reference::erf(x as f64)).abs() <= 3e-7, "erf({x})");
         }
     }
+}
+
+/// `erf` of every input, computed `S::LANES` at a time.
+fn erf_lanes<S: Simd>(xs: &[f32]) -> Vec<f32> {
+    let mut buf = xs.to_vec();
+    buf.resize(xs.len().next_multiple_of(S::LANES), 0.0);
+    for c in buf.chunks_mut(S::LANES) {
+        // SAFETY: each chunk holds LANES values.
+        unsafe { S::store(c.as_mut_ptr(), math::erf::<S>(S::load(c.as_ptr()))) };
+    }
+    buf.truncate(xs.len());
+    buf
+}
+
+/// Every lane type this CPU runs, as `erf` over a slice.
+fn erf_on_every_lane_type() -> Vec<(&'static str, fn(&[f32]) -> Vec<f32>)> {
+    let mut v: Vec<(&'static str, fn(&[f32]) -> Vec<f32>)> =
+        vec![("scalar", erf_lanes::<Scalar>), ("portable", erf_lanes::<sg_tensor::simd::Portable>)];
+    #[cfg(target_arch = "x86_64")]
+    if Isa::available().contains(&Isa::Avx2Fma) {
+        v.push(("avx2+fma", erf_lanes::<sg_tensor::simd::Avx2>));
+    }
+    v
+}
+
+#[test]
+fn erf_is_accurate_everywhere_on_every_lane_type() {
+    // A dense sweep, both sides of every piece boundary (k / 2, up to the cut to +-1 at 4), tiny
+    // values (relative accuracy near 0), and large ones.
+    let mut xs: Vec<f32> = (-12_000..=12_000).map(|i| i as f32 * 5e-4).collect();
+    for k in 1..=8 {
+        let b = k as f32 * 0.5;
+        for x in [b, f32::from_bits(b.to_bits() - 1), f32::from_bits(b.to_bits() + 1)] {
+            xs.extend([x, -x]);
+        }
+    }
+    xs.extend([1e-30, -1e-30, 1e-40, 3e-8, 1e-4, 9.0, 1e30, -1e30]);
+    for (name, erf) in erf_on_every_lane_type() {
+        for (&x, &g) in xs.iter().zip(&erf(&xs)) {
+            let want = math::reference::erf(x as f64);
+            let err = (g as f64 - want).abs();
+            assert!(err <= 1e-7, "{name}: erf({x:e}) = {g:e}, want {want:e}");
+            // Subnormal results have fewer significant bits than this asks for.
+            if x.abs() < 0.5 && want.abs() >= f32::MIN_POSITIVE as f64 {
+                assert!(err <= 3e-7 * want.abs(), "{name}: erf({x:e}) = {g:e}, relative to {want:e}");
+            }
+        }
+        let y = erf(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0]);
+        assert!(y[0].is_nan(), "{name}: NaN must propagate");
+        assert_eq!((y[1], y[2]), (1.0, -1.0), "{name}");
+        assert_eq!((y[3].to_bits(), y[4].to_bits()), (0f32.to_bits(), (-0f32).to_bits()), "{name}: signed zeros");
+    }
+}
+
+#[test]
+fn table_lookup_agrees_on_every_lane_type() {
+    let table = [10.0f32, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0];
+    let idx = [7.0f32, 0.0, 3.0, 5.0, 1.0, 6.0, 2.0, 4.0];
+    let odd = [f32::NAN, -0.0, 8.0, -1.0, 1e10, f32::INFINITY, f32::NEG_INFINITY, 7.0];
+    for ix in [idx, odd] {
+        let scalar: Vec<f32> = ix.iter().map(|&i| Scalar::lookup8(&table, i)).collect();
+        let mut port = [0.0f32; 8];
+        unsafe {
+            let v = sg_tensor::simd::Portable::load(ix.as_ptr());
+            sg_tensor::simd::Portable::store(port.as_mut_ptr(), sg_tensor::simd::Portable::lookup8(&table, v));
+        }
+        assert_eq!(scalar, port.to_vec(), "indices {ix:?}");
+        #[cfg(target_arch = "x86_64")]
+        if Isa::available().contains(&Isa::Avx2Fma) {
+            let mut avx = [0.0f32; 8];
+            unsafe {
+                use sg_tensor::simd::Avx2;
+                let v = Avx2::load(ix.as_ptr());
+                Avx2::store(avx.as_mut_ptr(), Avx2::lookup8(&table, v));
+            }
+            assert_eq!(scalar, avx.to_vec(), "indices {ix:?}");
+        }
+    }
+    let want: Vec<f32> = idx.iter().map(|&i| table[i as usize]).collect();
+    assert_eq!(idx.iter().map(|&i| Scalar::lookup8(&table, i)).collect::<Vec<_>>(), want);
 }
 
 #[cfg(feature = "ndarray")]
