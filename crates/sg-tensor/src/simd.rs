@@ -363,7 +363,8 @@ impl Simd for Portable {
 /// 0) for NaN and out-of-range values: the index `vpermps` takes, computed in plain code.
 #[inline(always)]
 fn cvtt_low3(v: f32) -> usize {
-    let i = if v.is_nan() || v >= 2_147_483_648.0 || v < -2_147_483_648.0 { i32::MIN } else { v as i32 };
+    // (NaN is in no range.)
+    let i = if (-2_147_483_648.0..2_147_483_648.0).contains(&v) { v as i32 } else { i32::MIN };
     (i & 7) as usize
 }
 

@@ -111,9 +111,11 @@ fn erf_lanes<S: Simd>(xs: &[f32]) -> Vec<f32> {
     buf
 }
 
+type SliceFn = fn(&[f32]) -> Vec<f32>;
+
 /// Every lane type this CPU runs, as `erf` over a slice.
-fn erf_on_every_lane_type() -> Vec<(&'static str, fn(&[f32]) -> Vec<f32>)> {
-    let mut v: Vec<(&'static str, fn(&[f32]) -> Vec<f32>)> =
+fn erf_on_every_lane_type() -> Vec<(&'static str, SliceFn)> {
+    let mut v: Vec<(&'static str, SliceFn)> =
         vec![("scalar", erf_lanes::<Scalar>), ("portable", erf_lanes::<sg_tensor::simd::Portable>)];
     #[cfg(target_arch = "x86_64")]
     if Isa::available().contains(&Isa::Avx2Fma) {
