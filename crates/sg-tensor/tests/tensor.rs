@@ -212,6 +212,10 @@ fn results_are_bit_identical_for_any_thread_count() {
         layernorm::backward(&x, &gamma, &mean, &rstd, &dy, &mut dx, Dst::Overwrite, &mut dg, &mut db).unwrap();
         let mut cs = vec![0.0; dim];
         reduce::col_sum(&x, rows, dim, &mut cs, Dst::Overwrite).unwrap();
+        // Wide enough that each thread count cuts the columns differently.
+        let mut cs_wide = vec![0.0; 700];
+        reduce::col_sum(&x[..400 * 700], 400, 700, &mut cs_wide, Dst::Overwrite).unwrap();
+        cs.extend(cs_wide);
         let total = reduce::sum(&x);
         let mut c = vec![0.0; dim * dim];
         gemm::gemm(gemm::Trans::T, gemm::Trans::N, dim, dim, rows, 1.0, &x, dim, &dy, dim, 0.0, &mut c, dim).unwrap();
