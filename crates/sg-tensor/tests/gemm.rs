@@ -139,7 +139,7 @@ proptest! {
 
 #[test]
 fn linear_into_new_buffers_across_cache_blocks_and_thread_splits() {
-    for (m, k, n) in [(151, 520, 48), (13, 300, 3100), (456, 200, 304)] {
+    for (m, k, n) in [(151, 520, 48), (13, 300, 3100), (456, 200, 304), (300, 520, 40)] {
         check_new_outputs(m, k, n, true, 5);
     }
     // Shapes are checked before anything is written.
@@ -152,7 +152,7 @@ fn linear_into_new_buffers_across_cache_blocks_and_thread_splits() {
 #[test]
 fn packed_weights_cross_cache_blocks_and_thread_splits() {
     // k past one k-block, n past one column block (and not a multiple of 16), m split over threads.
-    for (m, k, n) in [(151, 520, 48), (13, 300, 3100), (456, 200, 304)] {
+    for (m, k, n) in [(151, 520, 48), (13, 300, 3100), (456, 200, 304), (300, 520, 40)] {
         let (x, w, b) = (data(7, m * k, 1.0), data(8, n * k, 1.0), data(9, n, 1.0));
         let want = linear::reference::forward(&x, &w, Some(&b), m, k, n, Activation::Identity);
         let panels = gemm::pack_panels(&w, n, k).unwrap();
@@ -175,8 +175,9 @@ fn packed_weights_cross_cache_blocks_and_thread_splits() {
 #[test]
 fn gemm_crosses_cache_block_edges() {
     // Past typical cache blocks (m > 144, k > 256, n > 3072) with ragged edges, in every layout,
-    // with alpha and beta other than 0 and 1.
-    for (m, n, k) in [(151, 37, 520), (13, 3100, 300)] {
+    // with alpha and beta other than 0 and 1; several row blocks through several k-blocks, and a
+    // long k (a dozen k-blocks) on a thin A.
+    for (m, n, k) in [(151, 37, 520), (13, 3100, 300), (300, 40, 600), (7, 1100, 2900)] {
         for (ta, tb) in [(Trans::N, Trans::N), (Trans::N, Trans::T), (Trans::T, Trans::N), (Trans::T, Trans::T)] {
             let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
             let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
