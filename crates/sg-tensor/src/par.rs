@@ -2,9 +2,10 @@
 //!
 //! There is one pool: the global one, or whichever pool the caller `install`s. Kernels never start
 //! threads of their own and call `matrixmultiply` single-threaded, so threads never oversubscribe;
-//! the tile products inside attention's per-head tasks run serially. Work is cut into chunks whose
-//! boundaries depend on the problem size alone, never on the thread count, so reductions give the same
-//! bits whatever `--threads` is.
+//! the tile products inside attention's per-head tasks run serially. Where a split changes the order
+//! of a sum (partial sums per chunk), chunk boundaries depend on the problem size alone; splits by
+//! thread count only divide outputs that one task each sums in full (GEMM blocks of C, column sums).
+//! So reductions give the same bits whatever `--threads` is.
 
 use crate::error::{Result, TensorError};
 

@@ -99,22 +99,26 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1 / sqrt(2 pi)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// GELU in its exact form, `x * Phi(x)` with `Phi(x) = (1 + erf(x / sqrt 2)) / 2`.
+/// The standard normal distribution function `Phi(x) = (1 + erf(x / sqrt 2)) / 2`.
+#[inline(always)]
+fn normal_cdf<S: Simd>(x: S::V) -> S::V {
+    S::mul(S::splat(0.5), S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))))
+}
+
+/// GELU in its exact form, `x * Phi(x)`.
 #[inline(always)]
 pub fn gelu<S: Simd>(x: S::V) -> S::V {
-    let phi = S::mul(S::splat(0.5), S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))));
-    S::mul(x, phi)
+    S::mul(x, normal_cdf::<S>(x))
 }
 
 /// The exact derivative of [`gelu`]: `Phi(x) + x * phi(x)` with the normal density `phi`.
 #[inline(always)]
 pub fn gelu_grad<S: Simd>(x: S::V) -> S::V {
-    let phi_cdf = S::mul(S::splat(0.5), S::add(S::splat(1.0), erf::<S>(S::mul(x, S::splat(FRAC_1_SQRT_2)))));
     // The density's exponent is never positive, so the cheaper exp serves; below the normal range
     // it is exactly 0 as with `exp` (x * 0: huge x keep a gradient of exactly 1, infinite x NaN).
     let h = S::mul(S::splat(-0.5), S::mul(x, x));
     let e = S::select_lt(h, S::splat(EXP_LO), S::splat(0.0), exp_nonpos::<S>(h));
-    S::fma(x, S::mul(S::splat(INV_SQRT_2PI), e), phi_cdf)
+    S::fma(x, S::mul(S::splat(INV_SQRT_2PI), e), normal_cdf::<S>(x))
 }
 
 /// Double-precision references for the tests (not fast, only exact to about 1e-15).
