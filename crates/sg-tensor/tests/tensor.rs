@@ -85,30 +85,30 @@ proptest! {
     }
 }
 
-#[test]
-fn simd_lanes_agree_with_scalar() {
-    // The portable vector type computes the same function as one-lane code.
-    let xs = data(9, 64, 6.0);
-    for c in xs.chunks(8) {
-        let v = unsafe { sg_tensor::simd::Portable::load(c.as_ptr()) };
-        let mut out = [0.0f32; 8];
-        unsafe { sg_tensor::simd::Portable::store(out.as_mut_ptr(), math::erf::<sg_tensor::simd::Portable>(v)) };
-        for (o, &x) in out.iter().zip(c) {
-            assert!((o - math::erf::<Scalar>(x)).abs() <= 2e-7);
-        }
-    }
-}
-
-/// `erf` of every input, computed `S::LANES` at a time.
-fn erf_lanes<S: Simd>(xs: &[f32]) -> Vec<f32> {
+/// `f` over every input, `S::LANES` at a time (the tail padded with zeros).
+fn map_lanes<S: Simd>(xs: &[f32], f: impl Fn(S::V) -> S::V) -> Vec<f32> {
     let mut buf = xs.to_vec();
     buf.resize(xs.len().next_multiple_of(S::LANES), 0.0);
     for c in buf.chunks_mut(S::LANES) {
         // SAFETY: each chunk holds LANES values.
-        unsafe { S::store(c.as_mut_ptr(), math::erf::<S>(S::load(c.as_ptr()))) };
+        unsafe { S::store(c.as_mut_ptr(), f(S::load(c.as_ptr()))) };
     }
     buf.truncate(xs.len());
     buf
+}
+
+/// `erf` of every input, computed `S::LANES` at a time.
+fn erf_lanes<S: Simd>(xs: &[f32]) -> Vec<f32> {
+    map_lanes::<S>(xs, math::erf::<S>)
+}
+
+#[test]
+fn simd_lanes_agree_with_scalar() {
+    // The portable vector type computes the same function as one-lane code.
+    let xs = data(9, 64, 6.0);
+    for (o, s) in erf_lanes::<sg_tensor::simd::Portable>(&xs).iter().zip(erf_lanes::<Scalar>(&xs)) {
+        assert!((o - s).abs() <= 2e-7);
+    }
 }
 
 type SliceFn = fn(&[f32]) -> Vec<f32>;
@@ -159,26 +159,17 @@ fn table_lookup_agrees_on_every_lane_type() {
     let idx = [7.0f32, 0.0, 3.0, 5.0, 1.0, 6.0, 2.0, 4.0];
     let odd = [f32::NAN, -0.0, 8.0, -1.0, 1e10, f32::INFINITY, f32::NEG_INFINITY, 7.0];
     for ix in [idx, odd] {
-        let scalar: Vec<f32> = ix.iter().map(|&i| Scalar::lookup8(&table, i)).collect();
-        let mut port = [0.0f32; 8];
-        unsafe {
-            let v = sg_tensor::simd::Portable::load(ix.as_ptr());
-            sg_tensor::simd::Portable::store(port.as_mut_ptr(), sg_tensor::simd::Portable::lookup8(&table, v));
-        }
-        assert_eq!(scalar, port.to_vec(), "indices {ix:?}");
+        let scalar = map_lanes::<Scalar>(&ix, |i| Scalar::lookup8(&table, i));
+        let port = map_lanes::<sg_tensor::simd::Portable>(&ix, |i| sg_tensor::simd::Portable::lookup8(&table, i));
+        assert_eq!(scalar, port, "indices {ix:?}");
         #[cfg(target_arch = "x86_64")]
         if Isa::available().contains(&Isa::Avx2Fma) {
-            let mut avx = [0.0f32; 8];
-            unsafe {
-                use sg_tensor::simd::Avx2;
-                let v = Avx2::load(ix.as_ptr());
-                Avx2::store(avx.as_mut_ptr(), Avx2::lookup8(&table, v));
-            }
-            assert_eq!(scalar, avx.to_vec(), "indices {ix:?}");
+            use sg_tensor::simd::Avx2;
+            assert_eq!(scalar, map_lanes::<Avx2>(&ix, |i| Avx2::lookup8(&table, i)), "indices {ix:?}");
         }
     }
     let want: Vec<f32> = idx.iter().map(|&i| table[i as usize]).collect();
-    assert_eq!(idx.iter().map(|&i| Scalar::lookup8(&table, i)).collect::<Vec<_>>(), want);
+    assert_eq!(map_lanes::<Scalar>(&idx, |i| Scalar::lookup8(&table, i)), want);
 }
 
 #[cfg(feature = "ndarray")]
