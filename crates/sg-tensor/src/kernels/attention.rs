@@ -17,7 +17,7 @@ use super::tile;
 use super::{math, softmax::dot_serial};
 use crate::error::{check_len, check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
-use crate::simd::{isa, Scalar, Simd};
+use crate::simd::{isa, Simd};
 
 /// Query rows per tile.
 pub const BLOCK_Q: usize = 64;
@@ -222,31 +222,47 @@ fn key_block(seq: usize) -> usize {
     seq.div_ceil(seq.div_ceil(BLOCK_K)).next_multiple_of(PAD)
 }
 
-/// `row = exp(row - m)` in place, with `m` at least the row's maximum; returns the row's sum.
+/// `row[..valid] = exp(row[..valid] - m)` in place, with `m` at least their maximum; returns their
+/// sum. `row` is a padded score row (its length a multiple of the lane count, at least `valid`): a
+/// ragged end is one more vector with the padding lanes set to 0, not a scalar exponential per
+/// value (at 57 tokens a row is seven vectors and one value).
 #[inline(always)]
-fn exp_shift_sum<S: Simd>(row: &mut [f32], m: f32) -> f32 {
-    let n = row.len();
+fn exp_shift_sum<S: Simd>(row: &mut [f32], valid: usize, m: f32) -> f32 {
+    debug_assert!(valid <= row.len() && row.len() % S::LANES == 0);
     let p = row.as_mut_ptr();
     let vm = S::splat(m);
-    let mut acc = S::splat(0.0);
+    // Two sums in flight, so the additions' latency does not pace the exponentials. (No closure
+    // for the shared step: a closure would not inherit the caller's target features.)
+    let mut acc = [S::splat(0.0); 2];
     let mut i = 0;
-    while i + S::LANES <= n {
-        unsafe {
-            let e = math::exp_nonpos::<S>(S::sub(S::load(p.add(i)), vm));
-            S::store(p.add(i), e);
-            acc = S::add(acc, e);
+    // SAFETY (every load and store): each vector lies within `row`, whose length is a multiple of
+    // the lane count.
+    unsafe {
+        while i + 2 * S::LANES <= valid {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let at = p.add(i + j * S::LANES);
+                let e = math::exp_nonpos::<S>(S::sub(S::load(at), vm));
+                S::store(at, e);
+                *a = S::add(*a, e);
+            }
+            i += 2 * S::LANES;
         }
-        i += S::LANES;
+        while i < valid {
+            let mut e = math::exp_nonpos::<S>(S::sub(S::load(p.add(i)), vm));
+            if i + S::LANES > valid {
+                let lane = S::load(LANE_INDEX.as_ptr());
+                e = S::select_lt(lane, S::splat((valid - i) as f32), e, S::splat(0.0));
+            }
+            S::store(p.add(i), e);
+            acc[0] = S::add(acc[0], e);
+            i += S::LANES;
+        }
     }
-    let mut sum = S::reduce_sum(acc);
-    while i < n {
-        let e = math::exp_nonpos::<Scalar>(row[i] - m);
-        row[i] = e;
-        sum += e;
-        i += 1;
-    }
-    sum
+    S::reduce_sum(S::add(acc[0], acc[1]))
 }
+
+/// Each lane's index (as many as the widest lane type has).
+static LANE_INDEX: [f32; 8] = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0];
 
 /// `dst[j] = src[j] * a`, written through a raw pointer (into a buffer that may be new and not
 /// yet initialised); the same product as [`scale_row`].
@@ -338,10 +354,10 @@ unsafe fn forward_head<S: Simd>(
                 if first {
                     prefetch_row::<S, 4>(&next, &next_ld, i0 + r, hd);
                 }
-                let row = &mut sc[r * nkp..r * nkp + nk];
-                let mx = super::reduce::max_serial::<S>(row);
+                let row = &mut sc[r * nkp..(r + 1) * nkp];
+                let mx = super::reduce::max_serial::<S>(&row[..nk]);
                 let m_new = if first { mx } else { m[r].max(mx) };
-                let sum = exp_shift_sum::<S>(row, m_new);
+                let sum = exp_shift_sum::<S>(row, nk, m_new);
                 if first {
                     l[r] = sum;
                 } else {
@@ -549,14 +565,15 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 if j0 == 0 {
                     prefetch_row::<S, 8>(&next, &p.ld, i0 + r, hd);
                 }
-                exp_shift_sum::<S>(&mut pm[r * nkp..r * nkp + nk], lse[i0 + r]);
+                exp_shift_sum::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r]);
             }
             // dV_j (=|+=) P^T dO_i.
             tile::matmul::<S>(nk, hd, bq, 1.0, pm.as_ptr(), 1, nkp, doi, lddo, dvp, lddvp, !first);
             // dP = dO_i V_j^T; dS = P * (dP - D_i).
             tile::matmul::<S>(bq, nkp, hd, 1.0, doi, lddo, 1, vt.as_ptr().add(j0), sp, dp.as_mut_ptr(), nkp, false);
+            // Whole padded rows, so no scalar tail: P's padding is 0, which zeroes dS's.
             for r in 0..bq {
-                let row = r * nkp..r * nkp + nk;
+                let row = r * nkp..(r + 1) * nkp;
                 ds_inplace::<S>(&pm[row.clone()], &mut dp[row], dvec[i0 + r]);
             }
             // dQ_i += scale * dS K_j (the first key tile overwrites);  dK_j (=|+=) scale * dS^T Q_i.
@@ -603,14 +620,21 @@ unsafe fn copy_rows(src: *const f32, lds: usize, dst: *mut f32, ldd: usize, rows
     }
 }
 
-/// [`tile::transpose_into`] into a reused buffer, the key columns past `seq` zeroed: padded
-/// scores are never read, but stay finite.
+/// [`tile::transpose_into`] into a reused buffer, the key columns past `seq` zeroed, so that padded
+/// scores are 0 (finite; their probabilities are then masked to 0).
 #[inline(always)]
 unsafe fn transpose_padded<S: Simd>(src: *const f32, ld: usize, seq: usize, hd: usize, dst: &mut [f32], sp: usize) {
-    tile::transpose_into::<S>(src, ld, seq, hd, dst, sp);
-    for row in dst.chunks_exact_mut(sp) {
-        row[seq..].fill(0.0);
+    // Zero vectors over each row's padding first (a few stores; `fill` became a `memset` call per
+    // row), then the transpose overwrites the part of the last vector that holds keys.
+    let first_pad = seq - seq % S::LANES;
+    if first_pad < sp {
+        for row in dst.chunks_exact_mut(sp) {
+            for j in (first_pad..sp).step_by(S::LANES) {
+                S::store(row.as_mut_ptr().add(j), S::splat(0.0));
+            }
+        }
     }
+    tile::transpose_into::<S>(src, ld, seq, hd, dst, sp);
 }
 
 thread_local! {

@@ -86,13 +86,21 @@ pub fn max(x: &[f32]) -> Result<f32> {
 pub(crate) fn max_serial<S: Simd>(x: &[f32]) -> f32 {
     let n = x.len();
     let p = x.as_ptr();
-    let mut m = S::splat(f32::NEG_INFINITY);
+    // Four independent chains: one chain waits out the max's latency on every vector (attention's
+    // score rows are a few dozen vectors, and this pass sat on their critical path).
+    let mut m = [S::splat(f32::NEG_INFINITY); 4];
     let mut i = 0;
+    while i + 4 * S::LANES <= n {
+        for (j, mj) in m.iter_mut().enumerate() {
+            *mj = S::max(unsafe { S::load(p.add(i + j * S::LANES)) }, *mj);
+        }
+        i += 4 * S::LANES;
+    }
     while i + S::LANES <= n {
-        m = S::max(unsafe { S::load(p.add(i)) }, m);
+        m[0] = S::max(unsafe { S::load(p.add(i)) }, m[0]);
         i += S::LANES;
     }
-    let mut r = S::reduce_max(m);
+    let mut r = S::reduce_max(S::max(S::max(m[0], m[1]), S::max(m[2], m[3])));
     for &v in &x[i..] {
         r = Scalar::max(v, r);
     }
