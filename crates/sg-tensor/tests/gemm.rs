@@ -223,3 +223,46 @@ fn bad_gemm_operands_are_errors() {
     let e = linear::forward(&[0.0; 6], &[0.0; 5], None, 2, 3, 2, Activation::Identity, None, &mut c).unwrap_err();
     assert!(e.to_string().contains("`weight` has 5 elements, expected 6"), "{e}");
 }
+
+#[test]
+fn products_give_the_same_bits_on_any_thread_count() {
+    // Blocks of C are handed to threads as they come free, so which thread computes which block
+    // varies from run to run; the bits must not. Tall and wide C (row and column blocks), ragged
+    // edges, alpha and beta other than 0 and 1, packed weights with the fused bias and GELU (kept
+    // pre-activation too), and a shape small enough for one block per thread.
+    let with_threads = |n: usize, f: &(dyn Fn() -> Vec<Vec<f32>> + Sync)| {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
+    };
+    let run = || {
+        let mut out = Vec::new();
+        for (ta, tb, m, n, k) in [
+            (Trans::N, Trans::T, 1001, 150, 77),
+            (Trans::T, Trans::N, 50, 1300, 300),
+            (Trans::N, Trans::N, 260, 270, 530),
+            (Trans::T, Trans::T, 30, 200, 400),
+        ] {
+            let (ar, ac) = if ta == Trans::N { (m, k) } else { (k, m) };
+            let (br, bc) = if tb == Trans::N { (k, n) } else { (n, k) };
+            let (a, b) = (data(11, ar * ac, 1.0), data(12, br * bc, 1.0));
+            let mut c = data(13, m * n, 1.0);
+            gemm(ta, tb, m, n, k, 0.75, &a, ac, &b, bc, 0.5, &mut c, n).unwrap();
+            out.push(c);
+        }
+        for (m, k, n) in [(700, 96, 200), (40, 256, 900)] {
+            let (x, w, b) = (data(14, m * k, 1.0), data(15, n * k, 1.0), data(16, n, 1.0));
+            let panels = gemm::pack_panels(&w, n, k).unwrap();
+            let mut y = vec![0.0; m * n];
+            linear::forward_panels(&x, &panels, Some(&b), m, k, n, Activation::Gelu, &mut y).unwrap();
+            let (y2, pre) = linear::forward_new(&x, &w, Some(&b), m, k, n, Activation::Gelu, true).unwrap();
+            out.extend([y, y2, pre.unwrap()]);
+        }
+        out
+    };
+    let one = with_threads(1, &run);
+    for n in [2, 3, 4] {
+        let got = with_threads(n, &run);
+        for (i, (g, o)) in got.iter().zip(&one).enumerate() {
+            assert!(same_bits(g, o), "product {i}: {n} threads differ from 1");
+        }
+    }
+}

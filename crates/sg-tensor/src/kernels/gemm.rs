@@ -1,7 +1,8 @@
 //! Matrix products `C = alpha * op(A) op(B) + beta * C` in row-major storage, every transpose layout.
 //!
 //! The inner product runs single-threaded on blocks of C that rayon spreads over the one pool (never
-//! a pool inside a pool): on AVX2+FMA our packed kernel (`sgemm.rs`, 85-92 GFLOP/s on one
+//! a pool inside a pool; our kernel's blocks are handed out as threads come free, see
+//! `packed_shared`, the others' are one fixed part per thread): on AVX2+FMA our packed kernel (`sgemm.rs`, 85-92 GFLOP/s on one
 //! core against `matrixmultiply`'s 74-84 at ViT-B shapes), elsewhere `matrixmultiply` (its own
 //! run-time choice of AVX, SSE2 or NEON; `SG_GEMM=mm` selects it on AVX2 too, for A/B runs).
 //! Inference can hand B over already packed ([`pack_panels`], once per weight), and a Linear's bias
@@ -310,7 +311,8 @@ fn product(
                         // Blocks start on a panel boundary (the split aligns columns to 16).
                         BOp::Panels(data) => super::sgemm::BSrc::Panels(data.as_ptr().add(blk.c0 * k)),
                     };
-                    super::sgemm::sgemm(bm, bn, k, alpha, a0, rsa, csa, src, beta, c0, ldc, epi(&blk))
+                    let a = super::sgemm::ASrc::Strided { a: a0, rs: rsa, cs: csa };
+                    super::sgemm::sgemm(bm, bn, k, alpha, a, src, beta, c0, ldc, epi(&blk))
                 }
                 (_, BOp::Strided { data, t, ld }) => {
                     let (rsb, csb) = strides(t, ld);
@@ -330,6 +332,12 @@ fn product(
         epilogue(blk, cp);
     };
     let parts = if m * n * k >= PAR_MIN_FLOPS && par::can_split() { par::threads() } else { 1 };
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Packed && parts > 1 {
+        // SAFETY: the operands' extents were checked above and our kernel was chosen for this CPU.
+        unsafe { packed_shared(m, n, k, alpha, (a, rsa, csa), b, beta, c, ldc, parts, &epi, epilogue) };
+        return Ok(());
+    }
     // Split the larger side of C: the other operand is packed once per part, so this packs least.
     let (len, align) = if n >= m { (n, PANEL) } else { (m, 8) };
     let chunk = len.div_ceil(parts).div_ceil(align) * align;
@@ -339,6 +347,114 @@ fn product(
         run(if n >= m { Block { r0: 0, r1: m, c0: s, c1: e } } else { Block { r0: s, r1: e, c0: 0, c1: n } })
     });
     Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each thread's packed copy of the operand that every block of a [`packed_shared`] product
+    /// reads, kept between calls: at most the largest such operand (9.4 MiB at base pretraining).
+    static SHARED_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Our packed kernel on several threads. C is cut along its longer side into blocks that the
+/// threads take one at a time, so the split follows how fast each thread actually runs: a fixed
+/// half each left 4-6% of the threads' time in a pretraining step's products idle, one thread
+/// waiting for the other (on this shared machine the two vCPUs seldom run at the same speed).
+/// Every block reads all of the other operand (all of B for a block of rows, all of A for a block
+/// of columns); each thread packs it once, into panels the kernel reads in place, instead of once
+/// per block. Blocks start on multiples of 24 rows or 16 columns, so C's ragged edge tiles are the
+/// same whatever the split, and so are the bits.
+///
+/// # Safety
+/// As for the kernel: the operand extents must have been checked, and the CPU must have AVX2+FMA.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_shared(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    (a, rsa, csa): (&[f32], isize, isize),
+    b: BOp,
+    beta: f32,
+    c: Out,
+    ldc: usize,
+    threads: usize,
+    epi: &(dyn Fn(&Block) -> super::sgemm::Epi + Sync),
+    epilogue: &(dyn Fn(Block, SendPtr) + Sync),
+) {
+    use super::sgemm::{ASrc, BSrc};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Blocks along C's longer side, except that weights already in panels need no packing at all,
+    // so row blocks are cheaper whenever the kernel would cut A into several blocks anyway (more
+    // than 264 rows; each then streams the panels once, as here).
+    let rows = m >= n || (matches!(b, BOp::Panels(_)) && m > 264);
+    // Blocks start large and shrink with what is left (guided scheduling), so the last ones,
+    // which decide how long one thread waits for the other, are small: at most 240 rows (the
+    // kernel then packs each as one block of A, half of L2), at least 48 rows or 64 columns.
+    let (len, unit, smallest, largest) = if rows { (m, 24, 48, 240) } else { (n, PANEL, 64, usize::MAX) };
+    let next = AtomicUsize::new(0);
+    let grab = || {
+        let mut s = next.load(Ordering::Relaxed);
+        while s < len {
+            let size = (len - s).div_ceil(2 * threads).next_multiple_of(unit).clamp(smallest, largest);
+            let e = (s + size).min(len);
+            match next.compare_exchange_weak(s, e, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some((s, e)),
+                Err(now) => s = now,
+            }
+        }
+        None
+    };
+    let (ap, cp) = (SendPtr(a.as_ptr() as *mut f32), c.ptr);
+    par::for_each(threads, true, |_| {
+        let Some(mut block) = grab() else {
+            // Another thread took every block before this task started: pack nothing.
+            return;
+        };
+        let mut buf = SHARED_PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
+        let ap = ap.get() as *const f32;
+        // The shared operand, packed (or, for weights already in panels, as given).
+        let shared = if rows {
+            match b {
+                BOp::Panels(data) => data.as_ptr(),
+                BOp::Strided { data, t, ld } => {
+                    let (rs, cs) = strides(t, ld);
+                    buf.resize(buf.len().max(panels_len(k, n)), 0.0);
+                    super::sgemm::pack_b_panels(k, n, data.as_ptr(), rs, cs, buf.as_mut_ptr());
+                    buf.as_ptr()
+                }
+            }
+        } else {
+            buf.resize(buf.len().max(super::sgemm::a_panels_len(m, k)), 0.0);
+            super::sgemm::pack_a_panels(m, k, ap, rsa, csa, buf.as_mut_ptr());
+            buf.as_ptr()
+        };
+        loop {
+            let (s, e) = block;
+            let (blk, asrc, bsrc) = if rows {
+                let asrc = ASrc::Strided { a: ap.offset(s as isize * rsa), rs: rsa, cs: csa };
+                (Block { r0: s, r1: e, c0: 0, c1: n }, asrc, BSrc::Panels(shared))
+            } else {
+                let bsrc = match b {
+                    BOp::Strided { data, t, ld } => {
+                        let (rs, cs) = strides(t, ld);
+                        BSrc::Strided { b: data.as_ptr().offset(s as isize * cs), rs, cs }
+                    }
+                    BOp::Panels(data) => BSrc::Panels(data.as_ptr().add(s * k)),
+                };
+                (Block { r0: 0, r1: m, c0: s, c1: e }, ASrc::Panels(shared), bsrc)
+            };
+            let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
+            super::sgemm::sgemm(blk.r1 - blk.r0, blk.c1 - blk.c0, k, alpha, asrc, bsrc, beta, c0, ldc, epi(&blk));
+            epilogue(blk, cp);
+            match grab() {
+                Some(b) => block = b,
+                None => break,
+            }
+        }
+        SHARED_PACK.with(|p| *p.borrow_mut() = buf);
+    });
 }
 
 /// One block's product on a strided B by a kernel other than ours: the scalar loops or

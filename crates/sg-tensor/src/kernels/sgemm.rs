@@ -10,13 +10,15 @@
 //!   GFLOP/s on the project machine (peak about 100).
 //! - C's tile is prefetched before the k loop: without it every tile's first touch missed to
 //!   memory at the end of the loop (about 15% of the whole product).
-//! - B may arrive already in panels (pre-packed inference weights: `BSrc::Panels`), read in place.
+//! - B may arrive already in panels (pre-packed inference weights: `BSrc::Panels`), read in place;
+//!   so may either operand when the threaded driver in `gemm.rs` packs, once per thread, the
+//!   operand that all its blocks of C share (`pack_b_panels`, `pack_a_panels`).
 //! - The last k-block's store can add a bias and apply GELU (`Epi`), so a Linear writes y once.
 //! - Each element of C is summed over k in the same blocks whatever the caller's split, so results
 //!   do not depend on the thread count.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use imp::{sgemm, BSrc, Epi};
+pub(crate) use imp::{a_panels_len, pack_a_panels, pack_b_panels, sgemm, ASrc, BSrc, Epi};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -37,6 +39,16 @@ mod imp {
     thread_local! {
         /// Packing buffers, reused across calls on each thread.
         static PACK: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    }
+
+    /// Where A comes from.
+    #[derive(Clone, Copy)]
+    pub(crate) enum ASrc {
+        /// Element `(i, p)` at `a + i * rs + p * cs`: packed here, a block at a time.
+        Strided { a: *const f32, rs: isize, cs: isize },
+        /// Already in 6-row panels ([`pack_a_panels`], the caller's first row a panel boundary):
+        /// panel `i / 6` holds `k` steps of 6 values, so any k-block of a panel is read in place.
+        Panels(*const f32),
     }
 
     /// Where B comes from.
@@ -102,9 +114,7 @@ mod imp {
         n: usize,
         k: usize,
         alpha: f32,
-        a: *const f32,
-        rsa: isize,
-        csa: isize,
+        a: ASrc,
         b: BSrc,
         beta: f32,
         c: *mut f32,
@@ -126,7 +136,10 @@ mod imp {
         // Up to 264 rows (batch-1 inference: 256 tokens) A goes in as one block (at most 264 KiB,
         // half of L2), so each panel of B is streamed once instead of once per 120 rows.
         let mc = if m <= 264 { m.next_multiple_of(MR) } else { MC };
-        let need_a = mc.div_ceil(MR) * MR * KC;
+        let need_a = match a {
+            ASrc::Strided { .. } => mc.div_ceil(MR) * MR * KC,
+            ASrc::Panels(_) => 0,
+        };
         let need_b = match b {
             BSrc::Strided { .. } => NC.min(n.div_ceil(NR) * NR) * KC.min(k),
             BSrc::Panels(_) => 0,
@@ -157,8 +170,22 @@ mod imp {
                 let mut ic = 0;
                 while ic < m {
                     let mcb = mc.min(m - ic);
-                    // A's block goes in transposed: its columns become the packed operand's steps.
-                    pack::<MR>(kcb, mcb, a.offset(ic as isize * rsa + pc as isize * csa), csa, rsa, pa.as_mut_ptr());
+                    // Panel `ir / MR` of this block starts at `ablk + ir * astride`.
+                    let (ablk, astride) = match a {
+                        ASrc::Strided { a, rs, cs } => {
+                            // A's block goes in transposed: its columns become the packed steps.
+                            pack::<MR>(
+                                kcb,
+                                mcb,
+                                a.offset(ic as isize * rs + pc as isize * cs),
+                                cs,
+                                rs,
+                                pa.as_mut_ptr(),
+                            );
+                            (pa.as_ptr(), kcb)
+                        }
+                        ASrc::Panels(p) => (p.add(ic * k + pc * MR), k),
+                    };
                     let mut jr = 0;
                     while jr < ncb {
                         let cols = NR.min(ncb - jr);
@@ -166,7 +193,7 @@ mod imp {
                         let mut ir = 0;
                         while ir < mcb {
                             let rows = MR.min(mcb - ir);
-                            let ap = pa.as_ptr().add(ir * kcb);
+                            let ap = ablk.add(ir * astride);
                             let cp = c.add((ic + ir) * ldc + jc + jr);
                             micro(kcb, ap, bp, alpha, cp, ldc, rows, cols, accumulate, epi_k.at(ic + ir, jc + jr, ldc));
                             ir += MR;
@@ -386,6 +413,31 @@ mod imp {
                 }
             }
         }
+    }
+
+    /// Packs all of `op(B)` (`k x n`, element `(p, j)` at `b + p * rs + j * cs`) into the panels that
+    /// [`BSrc::Panels`] reads: `ceil(n / 16) * 16 * k` values at `dst`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `b` must address the operand and `dst` hold the panels.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn pack_b_panels(k: usize, n: usize, b: *const f32, rs: isize, cs: isize, dst: *mut f32) {
+        pack::<NR>(k, n, b, rs, cs, dst)
+    }
+
+    /// Floats in the panels of an `m x k` A ([`pack_a_panels`]).
+    pub(crate) fn a_panels_len(m: usize, k: usize) -> usize {
+        m.div_ceil(MR) * MR * k
+    }
+
+    /// Packs all of `op(A)` (`m x k`, element `(i, p)` at `a + i * rs + p * cs`) into the panels
+    /// that [`ASrc::Panels`] reads: [`a_panels_len`] values at `dst`.
+    ///
+    /// # Safety
+    /// As for [`pack_b_panels`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn pack_a_panels(m: usize, k: usize, a: *const f32, rs: isize, cs: isize, dst: *mut f32) {
+        pack::<MR>(k, m, a, cs, rs, dst)
     }
 
     /// Packs a `k x cols` operand whose element `(p, j)` is at `src + p * rs + j * cs` into
