@@ -2,9 +2,10 @@
 //!
 //! The inner product runs single-threaded on blocks of C that rayon spreads over the one pool (never
 //! a pool inside a pool; our kernel's blocks are handed out as threads come free, see
-//! `packed_shared`, the others' are one fixed part per thread): on AVX2+FMA our packed kernel (`sgemm.rs`, 85-92 GFLOP/s on one
-//! core against `matrixmultiply`'s 74-84 at ViT-B shapes), elsewhere `matrixmultiply` (its own
-//! run-time choice of AVX, SSE2 or NEON; `SG_GEMM=mm` selects it on AVX2 too, for A/B runs).
+//! `packed_shared`, the others' are one fixed part per thread): on AVX2+FMA our packed kernel
+//! (`sgemm.rs`, 85-92 GFLOP/s on one core against `matrixmultiply`'s 74-84 at ViT-B shapes),
+//! elsewhere `matrixmultiply` (its own run-time choice of AVX, SSE2 or NEON; `SG_GEMM=mm` selects
+//! it on AVX2 too, for A/B runs).
 //! Inference can hand B over already packed ([`pack_panels`], once per weight), and a Linear's bias
 //! and GELU can ride along into the packed kernel's final store (`Fuse`).
 //! `beta = 1` accumulates straight into a gradient buffer. Each element of C is summed over k in the
@@ -303,16 +304,9 @@ fn product(
             match (kernel, b) {
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Packed, b) => {
-                    let src = match b {
-                        BOp::Strided { data, t, ld } => {
-                            let (rs, cs) = strides(t, ld);
-                            super::sgemm::BSrc::Strided { b: data.as_ptr().offset(blk.c0 as isize * cs), rs, cs }
-                        }
-                        // Blocks start on a panel boundary (the split aligns columns to 16).
-                        BOp::Panels(data) => super::sgemm::BSrc::Panels(data.as_ptr().add(blk.c0 * k)),
-                    };
+                    // Blocks start on a panel boundary (the split aligns columns to 16).
                     let a = super::sgemm::ASrc::Strided { a: a0, rs: rsa, cs: csa };
-                    super::sgemm::sgemm(bm, bn, k, alpha, a, src, beta, c0, ldc, epi(&blk))
+                    super::sgemm::sgemm(bm, bn, k, alpha, a, b_source(b, blk.c0, k), beta, c0, ldc, epi(&blk))
                 }
                 (_, BOp::Strided { data, t, ld }) => {
                     let (rsb, csb) = strides(t, ld);
@@ -386,9 +380,9 @@ unsafe fn packed_shared(
     use super::sgemm::{ASrc, BSrc};
     use std::sync::atomic::{AtomicUsize, Ordering};
     // Blocks along C's longer side, except that weights already in panels need no packing at all,
-    // so row blocks are cheaper whenever the kernel would cut A into several blocks anyway (more
-    // than 264 rows; each then streams the panels once, as here).
-    let rows = m >= n || (matches!(b, BOp::Panels(_)) && m > 264);
+    // so row blocks are cheaper whenever the kernel would cut A into several blocks anyway (each
+    // then streams the panels once, as here).
+    let rows = m >= n || (matches!(b, BOp::Panels(_)) && m > super::sgemm::ONE_A_BLOCK);
     // Blocks start large and shrink with what is left (guided scheduling), so the last ones,
     // which decide how long one thread waits for the other, are small: at most 240 rows (the
     // kernel then packs each as one block of A, half of L2), at least 48 rows or 64 columns.
@@ -436,14 +430,7 @@ unsafe fn packed_shared(
                 let asrc = ASrc::Strided { a: ap.offset(s as isize * rsa), rs: rsa, cs: csa };
                 (Block { r0: s, r1: e, c0: 0, c1: n }, asrc, BSrc::Panels(shared))
             } else {
-                let bsrc = match b {
-                    BOp::Strided { data, t, ld } => {
-                        let (rs, cs) = strides(t, ld);
-                        BSrc::Strided { b: data.as_ptr().offset(s as isize * cs), rs, cs }
-                    }
-                    BOp::Panels(data) => BSrc::Panels(data.as_ptr().add(s * k)),
-                };
-                (Block { r0: 0, r1: m, c0: s, c1: e }, ASrc::Panels(shared), bsrc)
+                (Block { r0: 0, r1: m, c0: s, c1: e }, ASrc::Panels(shared), b_source(b, s, k))
             };
             let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
             super::sgemm::sgemm(blk.r1 - blk.r0, blk.c1 - blk.c0, k, alpha, asrc, bsrc, beta, c0, ldc, epi(&blk));
@@ -455,6 +442,21 @@ unsafe fn packed_shared(
         }
         SHARED_PACK.with(|p| *p.borrow_mut() = buf);
     });
+}
+
+/// Our kernel's view of `b` from column `c0` on (for panels, `c0` a multiple of 16).
+///
+/// # Safety
+/// Column `c0` must lie within `b`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn b_source(b: BOp, c0: usize, k: usize) -> super::sgemm::BSrc {
+    match b {
+        BOp::Strided { data, t, ld } => {
+            let (rs, cs) = strides(t, ld);
+            super::sgemm::BSrc::Strided { b: data.as_ptr().offset(c0 as isize * cs), rs, cs }
+        }
+        BOp::Panels(data) => super::sgemm::BSrc::Panels(data.as_ptr().add(c0 * k)),
+    }
 }
 
 /// One block's product on a strided B by a kernel other than ours: the scalar loops or

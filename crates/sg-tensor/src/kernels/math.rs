@@ -39,9 +39,10 @@ pub fn exp<S: Simd>(x0: S::V) -> S::V {
 #[allow(clippy::excessive_precision)]
 const EXP5_P: [f32; 4] = [4.999_923_2e-1, 1.666_711_4e-1, 4.189_011_6e-2, 8.312_524e-3];
 
-/// `e^x` for `x <= 0` (a softmax after subtracting the row maximum, GELU's density): a degree-5 polynomial
-/// (about 2 ulp) and no overflow handling, about 40% fewer instructions than [`exp`]. Inputs below
-/// the normal range give a tiny positive number rather than 0, which a softmax sum cannot notice.
+/// `e^x` for `x <= 0` (a softmax after subtracting the row maximum, GELU's density): a degree-5
+/// polynomial (about 2 ulp) and no overflow handling, about 40% fewer instructions than [`exp`].
+/// Inputs below the normal range give a tiny positive number rather than 0, which a softmax sum
+/// cannot notice.
 #[inline(always)]
 pub fn exp_nonpos<S: Simd>(x: S::V) -> S::V {
     let x = S::max(S::splat(EXP_LO), x);

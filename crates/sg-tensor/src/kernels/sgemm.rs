@@ -18,7 +18,7 @@
 //!   do not depend on the thread count.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use imp::{a_panels_len, pack_a_panels, pack_b_panels, sgemm, ASrc, BSrc, Epi};
+pub(crate) use imp::{a_panels_len, pack_a_panels, pack_b_panels, sgemm, ASrc, BSrc, Epi, ONE_A_BLOCK};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -35,6 +35,9 @@ mod imp {
     const MC: usize = 120;
     /// Columns of B per block: `KC x NC` (3 MiB) lives in L3.
     const NC: usize = 3072;
+    /// Up to this many rows (batch-1 inference: 256 tokens) A goes in as one block (at most 264
+    /// KiB, half of L2), so each panel of B is streamed once instead of once per `MC` rows.
+    pub(crate) const ONE_A_BLOCK: usize = 264;
 
     thread_local! {
         /// Packing buffers, reused across calls on each thread.
@@ -133,9 +136,7 @@ mod imp {
         // The buffers leave the thread-local while in use: a closure would not inherit this
         // function's `target_feature`, and every intrinsic in it would become a call.
         let (mut pa, mut pb) = PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
-        // Up to 264 rows (batch-1 inference: 256 tokens) A goes in as one block (at most 264 KiB,
-        // half of L2), so each panel of B is streamed once instead of once per 120 rows.
-        let mc = if m <= 264 { m.next_multiple_of(MR) } else { MC };
+        let mc = if m <= ONE_A_BLOCK { m.next_multiple_of(MR) } else { MC };
         let need_a = match a {
             ASrc::Strided { .. } => mc.div_ceil(MR) * MR * KC,
             ASrc::Panels(_) => 0,
