@@ -230,9 +230,6 @@ fn products_give_the_same_bits_on_any_thread_count() {
     // varies from run to run; the bits must not. Tall and wide C (row and column blocks), ragged
     // edges, alpha and beta other than 0 and 1, packed weights with the fused bias and GELU (kept
     // pre-activation too), and a shape small enough for one block per thread.
-    let with_threads = |n: usize, f: &(dyn Fn() -> Vec<Vec<f32>> + Sync)| {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
-    };
     let run = || {
         let mut out = Vec::new();
         for (ta, tb, m, n, k) in [
@@ -258,9 +255,9 @@ fn products_give_the_same_bits_on_any_thread_count() {
         }
         out
     };
-    let one = with_threads(1, &run);
+    let one = with_threads(1, run);
     for n in [2, 3, 4] {
-        let got = with_threads(n, &run);
+        let got = with_threads(n, run);
         for (i, (g, o)) in got.iter().zip(&one).enumerate() {
             assert!(same_bits(g, o), "product {i}: {n} threads differ from 1");
         }

@@ -183,10 +183,6 @@ fn ndarray_roundtrip() {
 }
 
 /// Runs `f` in a private pool of `n` threads.
-fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
-}
-
 #[test]
 fn results_are_bit_identical_for_any_thread_count() {
     let (rows, dim) = (3000, 96);

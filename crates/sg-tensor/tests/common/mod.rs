@@ -11,6 +11,11 @@ pub fn on_every_isa(mut f: impl FnMut(Isa)) {
     }
 }
 
+/// `f` on a pool of `n` threads (the kernels split over whichever pool they run in).
+pub fn with_threads<R: Send>(n: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(f)
+}
+
 /// `|got - want|`, infinite where exactly one of them is NaN (both NaN: equal). `f64::max` skips a
 /// NaN, so without this a NaN result would pass every comparison.
 pub fn abs_diff(got: f64, want: f64) -> f64 {
