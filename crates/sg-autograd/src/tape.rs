@@ -82,6 +82,8 @@ enum Op<B: Backend> {
         fill: Option<NodeId>,
         restore: Vec<usize>,
         dims: (usize, usize, usize),
+        /// `fill` holds a row per position, not one row.
+        table: bool,
     },
     MeanTokens {
         x: NodeId,
@@ -851,10 +853,10 @@ impl<'a, B: Backend> Tape<'a, B> {
                 let s = get(slot(slots, Some(x))).expect("on the tape");
                 be.gather_rows_backward(&dy, bt, l, d, &ids, s)?;
             }
-            Op::Unshuffle { x, fill, restore, dims: (bt, k, d) } => {
+            Op::Unshuffle { x, fill, restore, dims: (bt, k, d), table } => {
                 let dy = need(&dy)?;
-                be.unshuffle_backward(&dy, bt, k, d, &restore, get(slot(slots, x)), None)?;
-                be.unshuffle_backward(&dy, bt, k, d, &restore, None, get(slot(slots, fill)))?;
+                be.unshuffle_backward(&dy, bt, k, d, &restore, get(slot(slots, x)), None, table)?;
+                be.unshuffle_backward(&dy, bt, k, d, &restore, None, get(slot(slots, fill)), table)?;
             }
             Op::MeanTokens { x, dims: (bt, l, d), skip_first } => {
                 let dy = need(&dy)?;
@@ -1078,7 +1080,8 @@ impl<B: Backend> Exec for Tape<'_, B> {
             return Ok(y);
         }
         let dims = fwd::bld("unshuffle", x)?;
-        Ok(self.record(Op::Unshuffle { x: xn, fill: fnode, restore: restore.to_vec(), dims }, y))
+        let table = fill.numel() != dims.2;
+        Ok(self.record(Op::Unshuffle { x: xn, fill: fnode, restore: restore.to_vec(), dims, table }, y))
     }
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {

@@ -226,7 +226,8 @@ impl Graph for AttentionG {
 }
 
 /// Position embeddings joined (outer add), broadcast over the batch (add_rows), tokens gathered,
-/// unshuffled back with a fill row, a residual add, pooled, and a cross-entropy on top.
+/// unshuffled back with a fill row (or a fill table, a row per position), a residual add, pooled,
+/// and a cross-entropy on top.
 struct PlumbingG {
     x: ParamRef,
     spatial: ParamRef,
@@ -489,12 +490,14 @@ proptest! {
 
     #[test]
     fn plumbing_grads(seed in any::<u64>(), b in 1usize..3, g in 1usize..3, s in 1usize..4, d in 1usize..4,
-                      keep_frac in 0.0f64..1.0, skip_first in any::<bool>(), classes in 2usize..4) {
+                      keep_frac in 0.0f64..1.0, skip_first in any::<bool>(), classes in 2usize..4,
+                      fill_table in any::<bool>()) {
         let l = g * s;
         prop_assume!(!(skip_first && l == 1));
         let keep = ((l as f64 * keep_frac) as usize).max(1);
         let (c, r) = Check::new(&[("x", vec![b, l, d]), ("spatial", vec![s, d]), ("spectral", vec![g, d]),
-                                  ("fill", vec![1, 1, d]), ("head", vec![classes, d])], seed);
+                                  ("fill", if fill_table { vec![l, d] } else { vec![1, 1, d] }),
+                                  ("head", vec![classes, d])], seed);
         let (mut ids_keep, mut restore) = (vec![], vec![]);
         for bi in 0..b {
             let noise = rand_vec(seed ^ bi as u64, l, 1.0);

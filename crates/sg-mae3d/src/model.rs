@@ -17,7 +17,7 @@ use sg_tensor::kernels::linear::Activation;
 use sg_tensor::{Exec, ParamRef, ParamStore, Result, TensorError, Value};
 use sg_vit::config::{PosEmbed, VitConfig};
 use sg_vit::init::Rng;
-use sg_vit::model::{Block, LayerNorm, Linear, Pos, Vit};
+use sg_vit::model::{table_rows, Block, LayerNorm, Linear, Pos, Vit};
 use sg_vit::tokens::{unpatchify, TokenGeometry};
 
 use crate::masking::Masking;
@@ -249,18 +249,34 @@ impl Mae3d {
         }
         // Encoder on the visible tokens only. Intermediates are reassigned, not shadowed, so that
         // each is freed once consumed (the embedding of all tokens, the unshuffled decoder input).
-        let mut x = enc.embed(e, tokens)?;
-        x = e.gather_rows(&x, &m.ids_keep)?;
+        let mut x = enc.embed_kept(e, tokens, &m.ids_keep)?;
         x = enc.blocks(e, &x)?;
         let encoder_out = enc.norm.forward(e, &x)?;
         drop(x);
-        // Decoder on every token.
-        let mut z = self.decoder_embed.forward(e, &encoder_out, Activation::Identity)?;
+        // Decoder on every token: the visible ones' embeddings, the mask token elsewhere, each plus
+        // its position's embedding.
+        let own = self.decoder_embed.forward(e, &encoder_out, Activation::Identity)?;
         let fill = e.param(&self.mask_token)?;
-        z = e.unshuffle(&z, &fill, &m.ids_restore)?;
         let pos = self.decoder_pos.table(e)?;
-        z = e.add_rows(&z, &pos)?;
-        for b in &self.decoder_blocks {
+        let kept = m.ids_keep.len() / n.max(1);
+        let mut z;
+        let mut blocks = self.decoder_blocks.iter();
+        if n * kept + l < n * l {
+            // A masked token's input is the same in every sample (mask token + position), so the
+            // first block's norm1 and q, k, v run once per position on those rows.
+            let own_pos = table_rows(e, &pos, &m.ids_keep, &own.shape)?;
+            let own = e.add(&own, &own_pos)?;
+            let shared = e.add_rows(&pos, &fill)?;
+            z = e.unshuffle(&own, &shared, &m.ids_restore)?;
+            if let Some(b) = blocks.next() {
+                z = b.forward_shared(e, &z, &own, &shared, &m.ids_restore, 0.0)?;
+            }
+        } else {
+            z = e.unshuffle(&own, &fill, &m.ids_restore)?;
+            drop(own);
+            z = e.add_rows(&z, &pos)?;
+        }
+        for b in blocks {
             z = b.forward(e, &z, 0.0)?;
         }
         z = self.decoder_norm.forward(e, &z)?;

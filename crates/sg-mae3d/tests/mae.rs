@@ -170,3 +170,52 @@ fn folded_steps_match_flat_steps() {
     let frozen = store.entries().iter().find(|e| !e.trainable).unwrap();
     assert_eq!(folded.values(&frozen.param), store.values(&frozen.param));
 }
+
+/// A batch of two (the decoder's first block then runs q, k, v once per position for the masked
+/// tokens, shared by the samples) gives the mean of each sample's loss and gradients computed
+/// alone (a batch of one, where every row runs): the losses are means over samples with equal
+/// mask counts.
+#[test]
+fn a_batch_gives_the_mean_of_its_samples() {
+    let mut cfg = MaeConfig::preset("tiny", 32).unwrap();
+    cfg.encoder.depth = 2;
+    cfg.mask_ratio = 0.75;
+    let mut store = ParamStore::new();
+    let model = Mae3d::new(cfg.clone(), &mut store, 3).unwrap();
+    let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
+    let x: Vec<f32> = (0..2 * 12 * 32 * 32).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let tokens = model.encoder.tokens(&x, 2).unwrap();
+    let m = Masking::random(2, l, cfg.mask_ratio, 5).unwrap();
+    let run = |tokens: &[f32], m: &Masking| {
+        let mut tape = Tape::new(Cpu, &store);
+        let t = tape.constant(tokens, &[m.batch, l, td]).unwrap();
+        let out = model.forward(&mut tape, &t, m).unwrap();
+        let pred = tape.read(&out.pred);
+        (out.parts.loss, pred, tape.backward(&out.loss).unwrap().buf.to_vec())
+    };
+    let (loss, pred, grads) = run(&tokens, &m);
+    let mut singles = Vec::new();
+    for s in 0..2 {
+        let k = m.ids_keep.len() / 2;
+        let one = Masking {
+            batch: 1,
+            len: l,
+            keep: k,
+            ids_shuffle: m.ids_shuffle[s * l..(s + 1) * l].to_vec(),
+            ids_restore: m.ids_restore[s * l..(s + 1) * l].to_vec(),
+            ids_keep: m.ids_keep[s * k..(s + 1) * k].to_vec(),
+            mask: m.mask[s * l..(s + 1) * l].to_vec(),
+        };
+        singles.push(run(&tokens[s * l * td..(s + 1) * l * td], &one));
+    }
+    let close = |a: f64, b: f64, what: &str| assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{what}: {a} vs {b}");
+    close(loss, (singles[0].0 + singles[1].0) / 2.0, "loss");
+    for (i, &p) in pred.iter().enumerate() {
+        close(p, singles[i / (l * td)].1[i % (l * td)], "pred");
+    }
+    let scale = grads.iter().fold(0f32, |a, g| a.max(g.abs()));
+    for (i, &g) in grads.iter().enumerate() {
+        let want = (singles[0].2[i] + singles[1].2[i]) / 2.0;
+        assert!((g - want).abs() <= 1e-4 * scale, "gradient {i}: {g} vs {want} (largest {scale})");
+    }
+}

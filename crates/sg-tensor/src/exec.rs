@@ -90,7 +90,7 @@ pub trait Exec {
     fn gather_rows(&mut self, x: &Value<Self::B>, ids: &[usize]) -> Result<Value<Self::B>>;
     /// The MAE decoder's unshuffle: `(batch, kept, d)` and a `d`-wide fill row to `(batch, len, d)` in
     /// the original token order, with `restore` (`batch x len`) naming each token's source row (`>= kept`:
-    /// the fill row).
+    /// the fill row). `fill` may instead hold `len` rows, one per position, shared by all samples.
     fn unshuffle(&mut self, x: &Value<Self::B>, fill: &Value<Self::B>, restore: &[usize]) -> Result<Value<Self::B>>;
     /// Mean over the token axis of `(batch, len, d)`, without token 0 when `skip_first`.
     fn mean_tokens(&mut self, x: &Value<Self::B>, skip_first: bool) -> Result<Value<Self::B>>;
@@ -363,7 +363,8 @@ pub mod fwd {
 
     pub fn unshuffle<B: Backend>(be: &B, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
         let (b, k, d) = bld("unshuffle", x)?;
-        if fill.numel() != d || b == 0 || restore.len() % b != 0 || restore.len() / b < k {
+        let len = restore.len().checked_div(b).unwrap_or(0);
+        if (fill.numel() != d && fill.numel() != len * d) || b == 0 || restore.len() % b != 0 || len < k {
             return shape_err(
                 "unshuffle",
                 format!("{:?} with fill {:?} and {} restore ids", x.shape, fill.shape, restore.len()),

@@ -108,6 +108,43 @@ impl Block {
         // the block returns. What a backward needs, the tape keeps itself.
         let mut h = self.norm1.forward(e, x)?;
         h = self.qkv.forward(e, &h, Activation::Identity)?;
+        self.forward_from_qkv(e, x, h, drop_path)
+    }
+
+    /// [`Self::forward`] of an input `x (N, L, D)` each of whose rows is either the sample's own
+    /// (`own (N, kept, D)`) or the row of its position in a table that every sample shares
+    /// (`shared (L, D)`), placed as `restore` says ([`Exec::unshuffle`]). norm1 and q, k, v act on
+    /// each row alone, so they run on the `N * kept + L` distinct rows instead of all `N * L`: the
+    /// MAE decoder's first block, where every masked token enters as the mask token plus its
+    /// position's embedding. The same forward values; in the backward the gradients of a shared
+    /// row are summed over the samples before they pass through q, k, v and norm1 (the same sum
+    /// in another order).
+    pub fn forward_shared<E: Exec>(
+        &self,
+        e: &mut E,
+        x: &Value<E::B>,
+        own: &Value<E::B>,
+        shared: &Value<E::B>,
+        restore: &[usize],
+        drop_path: f32,
+    ) -> Result<Value<E::B>> {
+        let mut h = self.norm1.forward(e, own)?;
+        h = self.qkv.forward(e, &h, Activation::Identity)?;
+        let mut t = self.norm1.forward(e, shared)?;
+        t = self.qkv.forward(e, &t, Activation::Identity)?;
+        h = e.unshuffle(&h, &t, restore)?;
+        drop(t);
+        self.forward_from_qkv(e, x, h, drop_path)
+    }
+
+    /// The rest of the block from q, k, v side by side (`(N, L, 3D)`).
+    fn forward_from_qkv<E: Exec>(
+        &self,
+        e: &mut E,
+        x: &Value<E::B>,
+        mut h: Value<E::B>,
+        drop_path: f32,
+    ) -> Result<Value<E::B>> {
         h = e.attention(&h, self.heads)?;
         h = self.proj.forward(e, &h, Activation::Identity)?;
         h = e.drop_path(&h, drop_path)?;
@@ -124,6 +161,15 @@ impl Block {
 /// below 2^53 and cannot overflow on the absurd sizes that [`VitConfig::validate`] must reject.
 pub fn block_params(d: f64, hidden: f64) -> f64 {
     2.0 * d + 4.0 * (d * d + d) + 2.0 * d + (hidden * d + hidden) + (d * hidden + d)
+}
+
+/// Rows `ids` (`N x count`, per sample) of a `(L, D)` table that all samples share, as `shape`
+/// `(N, count, D)`: the table is one batch of `L` rows, and all `N * count` ids index it.
+pub fn table_rows<E: Exec>(e: &mut E, table: &Value<E::B>, ids: &[usize], shape: &[usize]) -> Result<Value<E::B>> {
+    let d = table.last_dim();
+    let t = e.reshape(table, &[1, table.numel() / d.max(1), d])?;
+    let rows = e.gather_rows(&t, ids)?;
+    e.reshape(&rows, shape)
 }
 
 /// The encoder's position embedding.
@@ -279,6 +325,17 @@ impl Vit {
         let x = self.patch_embed.forward(e, tokens, Activation::Identity)?;
         let pos = self.pos.table(e)?;
         e.add_rows(&x, &pos)
+    }
+
+    /// [`Self::embed`] of the tokens `keep` only (`N x count` ids, each sample's own, as
+    /// [`Exec::gather_rows`]): `(N, count, D)`, the rows that embedding every token and then
+    /// gathering gives, without embedding the tokens left out (nine in ten in MAE pretraining).
+    pub fn embed_kept<E: Exec>(&self, e: &mut E, tokens: &Value<E::B>, keep: &[usize]) -> Result<Value<E::B>> {
+        let t = e.gather_rows(tokens, keep)?;
+        let x = self.patch_embed.forward(e, &t, Activation::Identity)?;
+        let pos = self.pos.table(e)?;
+        let pos = table_rows(e, &pos, keep, &x.shape)?;
+        e.add(&x, &pos)
     }
 
     /// All blocks over `(N, T, D)` tokens (no final norm).

@@ -10,7 +10,8 @@ use crate::error::{check_len, Result, TensorError};
 use crate::kernels::attention::{self, AttnShape, Rows};
 use crate::kernels::gemm::{self, gemm, Trans};
 use crate::kernels::linear::{self, Activation};
-use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, Dst};
+use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, Dst, STREAM_CHUNK};
+use crate::par;
 
 /// f32 on the CPU, through the run-time dispatched SIMD kernels.
 #[derive(Clone, Copy, Debug, Default)]
@@ -736,22 +737,31 @@ impl Backend for Cpu {
         let op = "unshuffle";
         let len = restore.len() / batch.max(1);
         check_len(op, "x", x.len(), batch * kept * dim)?;
-        check_len(op, "fill", fill.len(), dim)?;
         check_len(op, "restore", restore.len(), batch * len)?;
-        let mut y = vec![0.0; batch * len * dim];
-        for n in 0..batch {
-            for l in 0..len {
-                let r = restore[n * len + l];
-                let src = if r < kept {
-                    &x[(n * kept + r) * dim..(n * kept + r + 1) * dim]
-                } else if r < len {
-                    &fill[..]
-                } else {
-                    return Err(TensorError::Index { op, index: r, len });
-                };
-                y[(n * len + l) * dim..(n * len + l + 1) * dim].copy_from_slice(src);
-            }
+        let table = fill.len() == len * dim && len != 1;
+        if !table {
+            check_len(op, "fill", fill.len(), dim)?;
         }
+        if let Some(&index) = restore.iter().find(|&&r| r >= len) {
+            return Err(TensorError::Index { op, index, len });
+        }
+        let mut y = vec![0.0; batch * len * dim];
+        if dim == 0 || len == 0 {
+            return Ok(Arc::new(y));
+        }
+        let parallel = y.len() > 2 * STREAM_CHUNK && par::can_split();
+        par::chunks_mut(&mut y, len * dim, parallel, |n, out| {
+            for (l, row) in out.chunks_exact_mut(dim).enumerate() {
+                let r = restore[n * len + l];
+                row.copy_from_slice(if r < kept {
+                    &x[(n * kept + r) * dim..(n * kept + r + 1) * dim]
+                } else if table {
+                    &fill[l * dim..(l + 1) * dim]
+                } else {
+                    &fill[..]
+                });
+            }
+        });
         Ok(Arc::new(y))
     }
 
@@ -764,6 +774,7 @@ impl Backend for Cpu {
         restore: &[usize],
         dx: Option<&mut Grad<Self>>,
         dfill: Option<&mut Grad<Self>>,
+        fill_table: bool,
     ) -> Result<()> {
         let len = restore.len() / batch.max(1);
         if let Some(dx) = dx {
@@ -779,7 +790,28 @@ impl Backend for Cpu {
                 }
             }
         }
-        if let Some(df) = dfill {
+        let Some(df) = dfill else { return Ok(()) };
+        if fill_table {
+            // Row `l` of the table collects token `l` of every sample that took it, in sample
+            // order; positions are independent, so they split across threads.
+            let (d, _) = slot("unshuffle_backward", df, len * dim)?;
+            if dim == 0 {
+                return Ok(());
+            }
+            let rows = STREAM_CHUNK.div_ceil(dim);
+            let parallel = d.len() > 2 * STREAM_CHUNK && par::can_split();
+            par::chunks_mut(d, rows * dim, parallel, |ci, part| {
+                for (i, out) in part.chunks_exact_mut(dim).enumerate() {
+                    let l = ci * rows + i;
+                    for n in 0..batch {
+                        if restore[n * len + l] >= kept {
+                            let g = &dy[(n * len + l) * dim..(n * len + l + 1) * dim];
+                            out.iter_mut().zip(g).for_each(|(o, &v)| *o += v);
+                        }
+                    }
+                }
+            });
+        } else {
             let (d, mode) = slot("unshuffle_backward", df, dim)?;
             let mut acc = vec![0f64; dim];
             for n in 0..batch {

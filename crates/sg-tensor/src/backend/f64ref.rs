@@ -483,12 +483,14 @@ impl Backend for CpuF64 {
 
     fn unshuffle(&self, x: &Buf, fill: &Buf, batch: usize, kept: usize, dim: usize, restore: &[usize]) -> Result<Buf> {
         let len = restore.len() / batch.max(1);
+        let table = fill.len() == len * dim && len != 1;
         let mut y = vec![0.0; batch * len * dim];
         for n in 0..batch {
             for l in 0..len {
                 let r = restore[n * len + l];
+                let f = if table { l * dim } else { 0 };
                 for j in 0..dim {
-                    y[(n * len + l) * dim + j] = if r < kept { x[(n * kept + r) * dim + j] } else { fill[j] };
+                    y[(n * len + l) * dim + j] = if r < kept { x[(n * kept + r) * dim + j] } else { fill[f + j] };
                 }
             }
         }
@@ -504,9 +506,11 @@ impl Backend for CpuF64 {
         restore: &[usize],
         dx: Option<&mut Grad<Self>>,
         dfill: Option<&mut Grad<Self>>,
+        fill_table: bool,
     ) -> Result<()> {
         let len = restore.len() / batch.max(1);
-        let (mut gx, mut gf) = (vec![0.0; batch * kept * dim], vec![0.0; dim]);
+        let rows = if fill_table { len } else { 1 };
+        let (mut gx, mut gf) = (vec![0.0; batch * kept * dim], vec![0.0; rows * dim]);
         for n in 0..batch {
             for l in 0..len {
                 let r = restore[n * len + l];
@@ -515,7 +519,7 @@ impl Backend for CpuF64 {
                     if r < kept {
                         gx[(n * kept + r) * dim + j] += v;
                     } else {
-                        gf[j] += v;
+                        gf[if fill_table { l * dim + j } else { j }] += v;
                     }
                 }
             }
@@ -524,7 +528,7 @@ impl Backend for CpuF64 {
             write_slot("unshuffle_backward", dx, gx.len(), |i| gx[i])?;
         }
         if let Some(df) = dfill {
-            write_slot("unshuffle_backward", df, dim, |i| gf[i])?;
+            write_slot("unshuffle_backward", df, gf.len(), |i| gf[i])?;
         }
         Ok(())
     }

@@ -484,7 +484,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dx: &mut Grad<Self>,
     ) -> Result<()>;
     /// The decoder's unshuffle: `out[n, l, :] = x[n, r, :]` if `r = restore[n * len + l] < kept`, else
-    /// `fill`; `x (batch, kept, dim)`, `fill (dim)`.
+    /// the fill row; `x (batch, kept, dim)`, `fill` one row `(dim)` or one per position `(len, dim)`
+    /// (then token `l` of every sample takes row `l`).
     fn unshuffle(
         &self,
         x: &Self::Buf,
@@ -503,6 +504,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         restore: &[usize],
         dx: Option<&mut Grad<Self>>,
         dfill: Option<&mut Grad<Self>>,
+        fill_table: bool,
     ) -> Result<()>;
 
     /// Mean over the token axis of `(batch, len, dim)`, skipping token 0 when `skip_first`.
