@@ -207,3 +207,19 @@ fn bad_input_is_an_error_not_a_panic() {
     assert!(!reduce::all_finite(&[f32::INFINITY]));
     assert!(reduce::all_finite(&[1.0, -3.0]));
 }
+
+/// `kernels::zeros` clears every value on any thread count, also in memory the allocator hands
+/// back from a freed buffer full of NaN (a chunk left unwritten would show it).
+#[test]
+fn zeros_clears_reused_memory() {
+    for threads in [1, 2, 3] {
+        for n in [0, 5, (1 << 19) + 1, 3 << 20] {
+            let z = with_threads(threads, || {
+                drop(vec![f32::NAN; n]);
+                sg_tensor::kernels::zeros(n)
+            });
+            assert_eq!(z.len(), n);
+            assert!(z.iter().all(|&v| v.to_bits() == 0), "{threads} threads, {n} values");
+        }
+    }
+}

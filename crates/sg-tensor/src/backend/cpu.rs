@@ -10,7 +10,7 @@ use crate::error::{check_len, Result, TensorError};
 use crate::kernels::attention::{self, AttnShape, Rows};
 use crate::kernels::gemm::{self, gemm, Trans};
 use crate::kernels::linear::{self, Activation};
-use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, Dst, STREAM_CHUNK};
+use crate::kernels::{elementwise, gather, gelu, layernorm, reduce, zeros, Dst, STREAM_CHUNK};
 use crate::par;
 
 /// f32 on the CPU, through the run-time dispatched SIMD kernels.
@@ -35,7 +35,7 @@ fn slot<'a>(op: &'static str, g: &'a mut Grad<Cpu>, n: usize) -> Result<(&'a mut
             Ok((Arc::make_mut(b).as_mut_slice(), Dst::Accumulate))
         }
         None => {
-            let b = g.insert(Arc::new(vec![0.0; n]));
+            let b = g.insert(Arc::new(zeros(n)));
             Ok((Arc::get_mut(b).expect("fresh buffer is unique").as_mut_slice(), Dst::Overwrite))
         }
     }
@@ -149,7 +149,7 @@ impl Backend for Cpu {
     }
 
     fn zeros(&self, n: usize) -> Buf {
-        Arc::new(vec![0.0; n])
+        Arc::new(zeros(n))
     }
 
     fn scalar(&self, v: f64) -> Buf {
@@ -248,7 +248,7 @@ impl Backend for Cpu {
             match Arc::get_mut(&mut dy) {
                 Some(g) => gelu::backward_inplace(p, g)?,
                 None => {
-                    let mut t = vec![0.0; m * n];
+                    let mut t = zeros(m * n);
                     gelu::backward(p, &dy, &mut t, Dst::Overwrite)?;
                     dy = Arc::new(t);
                 }
@@ -289,7 +289,7 @@ impl Backend for Cpu {
         eps: f32,
         keep: bool,
     ) -> Result<(Buf, Option<(Buf, Buf)>)> {
-        let mut y = vec![0.0; x.len()];
+        let mut y = zeros(x.len());
         if keep {
             let (mut mean, mut rstd) = (vec![0.0; rows], vec![0.0; rows]);
             layernorm::forward(x, sl(&w), sl(&b), rows, eps, &mut y, Some((&mut mean, &mut rstd)))?;
@@ -329,7 +329,7 @@ impl Backend for Cpu {
         let (dxs, mode) = match dx {
             Some(g) => slot("layernorm_backward", g, x.len())?,
             None => {
-                tmp = vec![0.0; x.len()];
+                tmp = zeros(x.len());
                 (&mut tmp[..], Dst::Overwrite)
             }
         };
@@ -426,7 +426,7 @@ impl Backend for Cpu {
         let (w, b) = (sl(&w), sl(&b));
         d.check("group_norm", x.len(), w.len(), b.len())?;
         let (m, cg) = (d.group_len(), d.channels / d.groups);
-        let mut y = vec![0f32; x.len()];
+        let mut y = zeros(x.len());
         let (mut mean, mut rstd) = (Vec::with_capacity(d.batch * d.groups), Vec::with_capacity(d.batch * d.groups));
         for (gi, (xs, ys)) in x.chunks_exact(m).zip(y.chunks_exact_mut(m)).enumerate() {
             let mu = xs.iter().map(|&v| v as f64).sum::<f64>() / m as f64;
@@ -465,7 +465,7 @@ impl Backend for Cpu {
         check_len(op, "rstd", rstd.len(), d.batch * d.groups)?;
         let (m, cg) = (d.group_len(), d.channels / d.groups);
         let (mut dw, mut db) = (vec![0f64; d.channels], vec![0f64; d.channels]);
-        let mut gx = dx.is_some().then(|| vec![0f32; x.len()]);
+        let mut gx = dx.is_some().then(|| zeros(x.len()));
         for gi in 0..d.batch * d.groups {
             let (mu, r, c0) = (mean[gi], rstd[gi], gi % d.groups * cg);
             let (xs, gs) = (&x[gi * m..(gi + 1) * m], &dy[gi * m..(gi + 1) * m]);
@@ -504,7 +504,7 @@ impl Backend for Cpu {
     }
 
     fn gelu(&self, x: &Buf) -> Result<Buf> {
-        let mut y = vec![0.0; x.len()];
+        let mut y = zeros(x.len());
         gelu::forward(x, &mut y)?;
         Ok(Arc::new(y))
     }
@@ -630,13 +630,13 @@ impl Backend for Cpu {
     }
 
     fn sub(&self, a: &Buf, b: &Buf) -> Result<Buf> {
-        let mut y = vec![0.0; a.len()];
+        let mut y = zeros(a.len());
         elementwise::sub(a, b, &mut y, Dst::Overwrite)?;
         Ok(Arc::new(y))
     }
 
     fn add(&self, a: &Buf, b: &Buf) -> Result<Buf> {
-        let mut y = vec![0.0; a.len()];
+        let mut y = zeros(a.len());
         elementwise::add(a, b, &mut y, Dst::Overwrite)?;
         Ok(Arc::new(y))
     }
@@ -714,7 +714,7 @@ impl Backend for Cpu {
     }
 
     fn gather_rows(&self, x: &Buf, batch: usize, len: usize, dim: usize, ids: &[usize]) -> Result<Buf> {
-        let mut y = vec![0.0; ids.len() * dim];
+        let mut y = zeros(ids.len() * dim);
         gather::gather_rows(x, batch, len, dim, ids, &mut y)?;
         Ok(Arc::new(y))
     }
@@ -745,7 +745,7 @@ impl Backend for Cpu {
         if let Some(&index) = restore.iter().find(|&&r| r >= len) {
             return Err(TensorError::Index { op, index, len });
         }
-        let mut y = vec![0.0; batch * len * dim];
+        let mut y = zeros(batch * len * dim);
         if dim == 0 || len == 0 {
             return Ok(Arc::new(y));
         }
@@ -836,7 +836,7 @@ impl Backend for Cpu {
         if len <= first {
             return Err(TensorError::Shape { op: "mean_tokens", msg: format!("no tokens to pool among {len}") });
         }
-        let mut y = vec![0.0; batch * dim];
+        let mut y = zeros(batch * dim);
         for n in 0..batch {
             let rows = &x[(n * len + first) * dim..(n + 1) * len * dim];
             reduce::col_sum(rows, len - first, dim, &mut y[n * dim..(n + 1) * dim], Dst::Overwrite)?;

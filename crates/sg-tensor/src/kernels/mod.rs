@@ -35,6 +35,26 @@ pub enum Dst {
 /// Elements per parallel task for streaming kernels (fits in L2 with its operands).
 pub(crate) const STREAM_CHUNK: usize = 1 << 14;
 
+/// `n` zeros, written by all threads when long: a step's fresh activation and gradient buffers
+/// are tens of MiB (reused heap memory, so the allocator must clear them), and one thread
+/// clearing them leaves the others idle.
+pub fn zeros(n: usize) -> Vec<f32> {
+    const CHUNK: usize = 1 << 18;
+    if n <= 2 * CHUNK || !par::can_split() {
+        return vec![0.0; n];
+    }
+    let mut v = Vec::<f32>::with_capacity(n);
+    let p = par::SendPtr(v.as_mut_ptr());
+    par::for_each(n.div_ceil(CHUNK), true, |i| {
+        let start = i * CHUNK;
+        // SAFETY: chunk i is in the capacity and no other task writes it.
+        unsafe { std::ptr::write_bytes(p.get().add(start), 0, CHUNK.min(n - start)) };
+    });
+    // SAFETY: every chunk, so all n values, was written above (all-zero bytes are 0.0).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// A lane-wise function of one input.
 pub(crate) trait Unary: Sync {
     fn f<S: Simd>(&self, x: S::V) -> S::V;
