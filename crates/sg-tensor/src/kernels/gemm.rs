@@ -345,8 +345,9 @@ fn product(
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Each thread's packed copy of the operand that every block of a [`packed_shared`] product
-    /// reads, kept between calls: at most the largest such operand (9.4 MiB at base pretraining).
+    /// The packed operand that every block of a [`packed_shared`] product reads, in the buffer of
+    /// the thread that calls the product, kept between calls: at most the largest such operand
+    /// (9.4 MiB at base pretraining).
     static SHARED_PACK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -355,8 +356,8 @@ thread_local! {
 /// half each left 4-6% of the threads' time in a pretraining step's products idle, one thread
 /// waiting for the other (on this shared machine the two vCPUs seldom run at the same speed).
 /// Every block reads all of the other operand (all of B for a block of rows, all of A for a block
-/// of columns); each thread packs it once, into panels the kernel reads in place, instead of once
-/// per block. Blocks start on multiples of 24 rows or 16 columns, so C's ragged edge tiles are the
+/// of columns); the threads pack it once, each a share of its panels, before the blocks start,
+/// into panels the kernel reads in place. Blocks start on multiples of 24 rows or 16 columns, so C's ragged edge tiles are the
 /// same whatever the split, and so are the bits.
 ///
 /// # Safety
@@ -401,31 +402,43 @@ unsafe fn packed_shared(
         None
     };
     let (ap, cp) = (SendPtr(a.as_ptr() as *mut f32), c.ptr);
-    par::for_each(threads, true, |_| {
-        let Some(mut block) = grab() else {
-            // Another thread took every block before this task started: pack nothing.
-            return;
-        };
-        let mut buf = SHARED_PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
-        let ap = ap.get() as *const f32;
-        // The shared operand, packed (or, for weights already in panels, as given).
-        let shared = if rows {
-            match b {
-                BOp::Panels(data) => data.as_ptr(),
-                BOp::Strided { data, t, ld } => {
-                    let (rs, cs) = strides(t, ld);
-                    buf.resize(buf.len().max(panels_len(k, n)), 0.0);
-                    super::sgemm::pack_b_panels(k, n, data.as_ptr(), rs, cs, buf.as_mut_ptr());
-                    buf.as_ptr()
-                }
-            }
-        } else {
-            buf.resize(buf.len().max(super::sgemm::a_panels_len(m, k)), 0.0);
-            super::sgemm::pack_a_panels(m, k, ap, rsa, csa, buf.as_mut_ptr());
+    // The shared operand in panels (weights already in panels: as given), packed once, its
+    // panels split between the threads: packing it once per thread doubled the packing work.
+    // This thread's buffer, lent to the pool for the call.
+    let mut buf = SHARED_PACK.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    let shared: *const f32 = match (rows, b) {
+        (true, BOp::Panels(data)) => data.as_ptr(),
+        (true, BOp::Strided { data, t, ld }) => {
+            let (rs, cs) = strides(t, ld);
+            buf.resize(buf.len().max(panels_len(k, n)), 0.0);
+            let (src, dst) = (SendPtr(data.as_ptr() as *mut f32), SendPtr(buf.as_mut_ptr()));
+            let step = n.div_ceil(threads).next_multiple_of(PANEL);
+            par::for_each(n.div_ceil(step), true, |i| {
+                let (c0, c1) = (i * step, ((i + 1) * step).min(n));
+                // SAFETY: the panels from column c0 on, up to c1: this task's only.
+                let src = src.get().offset(c0 as isize * cs);
+                super::sgemm::pack_b_panels(k, c1 - c0, src, rs, cs, dst.get().add(c0 * k));
+            });
             buf.as_ptr()
-        };
-        loop {
-            let (s, e) = block;
+        }
+        (false, _) => {
+            buf.resize(buf.len().max(super::sgemm::a_panels_len(m, k)), 0.0);
+            let dst = SendPtr(buf.as_mut_ptr());
+            let step = m.div_ceil(threads).next_multiple_of(super::sgemm::MR);
+            par::for_each(m.div_ceil(step), true, |i| {
+                let (r0, r1) = (i * step, ((i + 1) * step).min(m));
+                // SAFETY: the panels from row r0 on, up to r1: this task's only.
+                let src = (ap.get() as *const f32).offset(r0 as isize * rsa);
+                super::sgemm::pack_a_panels(r1 - r0, k, src, rsa, csa, dst.get().add(r0 * k));
+            });
+            buf.as_ptr()
+        }
+    };
+    let shared = SendPtr(shared as *mut f32);
+    par::for_each(threads, true, |_| {
+        let ap = ap.get() as *const f32;
+        let shared = shared.get() as *const f32;
+        while let Some((s, e)) = grab() {
             let (blk, asrc, bsrc) = if rows {
                 let asrc = ASrc::Strided { a: ap.offset(s as isize * rsa), rs: rsa, cs: csa };
                 (Block { r0: s, r1: e, c0: 0, c1: n }, asrc, BSrc::Panels(shared))
@@ -435,13 +448,9 @@ unsafe fn packed_shared(
             let c0 = cp.get().add(blk.r0 * ldc + blk.c0);
             super::sgemm::sgemm(blk.r1 - blk.r0, blk.c1 - blk.c0, k, alpha, asrc, bsrc, beta, c0, ldc, epi(&blk));
             epilogue(blk, cp);
-            match grab() {
-                Some(b) => block = b,
-                None => break,
-            }
         }
-        SHARED_PACK.with(|p| *p.borrow_mut() = buf);
     });
+    SHARED_PACK.with(|p| *p.borrow_mut() = buf);
 }
 
 /// Our kernel's view of `b` from column `c0` on (for panels, `c0` a multiple of 16).

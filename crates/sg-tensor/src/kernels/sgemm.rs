@@ -18,7 +18,7 @@
 //!   do not depend on the thread count.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use imp::{a_panels_len, pack_a_panels, pack_b_panels, sgemm, ASrc, BSrc, Epi, ONE_A_BLOCK};
+pub(crate) use imp::{a_panels_len, pack_a_panels, pack_b_panels, sgemm, ASrc, BSrc, Epi, MR, ONE_A_BLOCK};
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
@@ -27,7 +27,8 @@ mod imp {
     use std::arch::x86_64::*;
     use std::cell::RefCell;
 
-    const MR: usize = 6;
+    /// Rows of C per micro-kernel call (and of A per packed panel).
+    pub(crate) const MR: usize = 6;
     const NR: usize = super::super::gemm::PANEL;
     /// k-block: a `KC x 16` panel of B (16 KiB) stays in L1 while a block of A streams past it.
     const KC: usize = 256;
