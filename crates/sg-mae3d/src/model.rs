@@ -258,10 +258,9 @@ impl Mae3d {
         let own = self.decoder_embed.forward(e, &encoder_out, Activation::Identity)?;
         let fill = e.param(&self.mask_token)?;
         let pos = self.decoder_pos.table(e)?;
-        let kept = m.ids_keep.len() / n.max(1);
         let mut z;
         let mut blocks = self.decoder_blocks.iter();
-        if n * kept + l < n * l {
+        if n * m.keep + l < n * l {
             // A masked token's input is the same in every sample (mask token + position), so the
             // first block's norm1 and q, k, v run once per position on those rows.
             let own_pos = table_rows(e, &pos, &m.ids_keep, &own.shape)?;

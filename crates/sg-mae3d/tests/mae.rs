@@ -63,17 +63,24 @@ fn parameter_counts_equal_spec() {
     }
 }
 
-#[test]
-fn every_parameter_gets_a_nonzero_gradient() {
+/// A tiny model at 32 px with two encoder blocks and 75% masking, two images as tokens, and a
+/// masking of them: the gradient tests' setup.
+fn tiny_pair() -> (MaeConfig, ParamStore, Mae3d, Vec<f32>, Masking) {
     let mut cfg = MaeConfig::preset("tiny", 32).unwrap();
     cfg.encoder.depth = 2;
     cfg.mask_ratio = 0.75;
     let mut store = ParamStore::new();
     let model = Mae3d::new(cfg.clone(), &mut store, 3).unwrap();
+    let x: Vec<f32> = (0..2 * 12 * 32 * 32).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+    let tokens = model.encoder.tokens(&x, 2).unwrap();
+    let m = Masking::random(2, cfg.encoder.tokens(), cfg.mask_ratio, 5).unwrap();
+    (cfg, store, model, tokens, m)
+}
+
+#[test]
+fn every_parameter_gets_a_nonzero_gradient() {
+    let (cfg, store, model, tokens, m) = tiny_pair();
     let (n, l, td) = (2, cfg.encoder.tokens(), cfg.encoder.token_dim());
-    let x: Vec<f32> = (0..n * 12 * 32 * 32).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-    let tokens = model.encoder.tokens(&x, n).unwrap();
-    let m = Masking::random(n, l, cfg.mask_ratio, 5).unwrap();
     let mut tape = Tape::new(Cpu, &store);
     let t = tape.constant(&tokens, &[n, l, td]).unwrap();
     let out = model.forward(&mut tape, &t, &m).unwrap();
@@ -177,15 +184,8 @@ fn folded_steps_match_flat_steps() {
 /// mask counts.
 #[test]
 fn a_batch_gives_the_mean_of_its_samples() {
-    let mut cfg = MaeConfig::preset("tiny", 32).unwrap();
-    cfg.encoder.depth = 2;
-    cfg.mask_ratio = 0.75;
-    let mut store = ParamStore::new();
-    let model = Mae3d::new(cfg.clone(), &mut store, 3).unwrap();
+    let (cfg, store, model, tokens, m) = tiny_pair();
     let (l, td) = (cfg.encoder.tokens(), cfg.encoder.token_dim());
-    let x: Vec<f32> = (0..2 * 12 * 32 * 32).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
-    let tokens = model.encoder.tokens(&x, 2).unwrap();
-    let m = Masking::random(2, l, cfg.mask_ratio, 5).unwrap();
     let run = |tokens: &[f32], m: &Masking| {
         let mut tape = Tape::new(Cpu, &store);
         let t = tape.constant(tokens, &[m.batch, l, td]).unwrap();
@@ -196,7 +196,7 @@ fn a_batch_gives_the_mean_of_its_samples() {
     let (loss, pred, grads) = run(&tokens, &m);
     let mut singles = Vec::new();
     for s in 0..2 {
-        let k = m.ids_keep.len() / 2;
+        let k = m.keep;
         let one = Masking {
             batch: 1,
             len: l,

@@ -746,9 +746,6 @@ impl Backend for Cpu {
             return Err(TensorError::Index { op, index, len });
         }
         let mut y = zeros(batch * len * dim);
-        if dim == 0 || len == 0 {
-            return Ok(Arc::new(y));
-        }
         let parallel = y.len() > 2 * STREAM_CHUNK && par::can_split();
         par::chunks_mut(&mut y, len * dim, parallel, |n, out| {
             for (l, row) in out.chunks_exact_mut(dim).enumerate() {

@@ -357,8 +357,8 @@ thread_local! {
 /// waiting for the other (on this shared machine the two vCPUs seldom run at the same speed).
 /// Every block reads all of the other operand (all of B for a block of rows, all of A for a block
 /// of columns); the threads pack it once, each a share of its panels, before the blocks start,
-/// into panels the kernel reads in place. Blocks start on multiples of 24 rows or 16 columns, so C's ragged edge tiles are the
-/// same whatever the split, and so are the bits.
+/// into panels the kernel reads in place. Blocks start on multiples of 24 rows or 16 columns, so
+/// C's ragged edge tiles are the same whatever the split, and so are the bits.
 ///
 /// # Safety
 /// As for the kernel: the operand extents must have been checked, and the CPU must have AVX2+FMA.
@@ -412,10 +412,8 @@ unsafe fn packed_shared(
             let (rs, cs) = strides(t, ld);
             buf.resize(buf.len().max(panels_len(k, n)), 0.0);
             let (src, dst) = (SendPtr(data.as_ptr() as *mut f32), SendPtr(buf.as_mut_ptr()));
-            let step = n.div_ceil(threads).next_multiple_of(PANEL);
-            par::for_each(n.div_ceil(step), true, |i| {
-                let (c0, c1) = (i * step, ((i + 1) * step).min(n));
-                // SAFETY: the panels from column c0 on, up to c1: this task's only.
+            share(n, PANEL, threads, |c0, c1| {
+                // SAFETY: the panels of columns c0..c1: this part's only.
                 let src = src.get().offset(c0 as isize * cs);
                 super::sgemm::pack_b_panels(k, c1 - c0, src, rs, cs, dst.get().add(c0 * k));
             });
@@ -424,10 +422,8 @@ unsafe fn packed_shared(
         (false, _) => {
             buf.resize(buf.len().max(super::sgemm::a_panels_len(m, k)), 0.0);
             let dst = SendPtr(buf.as_mut_ptr());
-            let step = m.div_ceil(threads).next_multiple_of(super::sgemm::MR);
-            par::for_each(m.div_ceil(step), true, |i| {
-                let (r0, r1) = (i * step, ((i + 1) * step).min(m));
-                // SAFETY: the panels from row r0 on, up to r1: this task's only.
+            share(m, super::sgemm::MR, threads, |r0, r1| {
+                // SAFETY: the panels of rows r0..r1: this part's only.
                 let src = (ap.get() as *const f32).offset(r0 as isize * rsa);
                 super::sgemm::pack_a_panels(r1 - r0, k, src, rsa, csa, dst.get().add(r0 * k));
             });
@@ -451,6 +447,14 @@ unsafe fn packed_shared(
         }
     });
     SHARED_PACK.with(|p| *p.borrow_mut() = buf);
+}
+
+/// `f(start, end)` in parallel over `0..len` cut into one range per thread, each starting on a
+/// multiple of `unit` (a whole packed panel).
+#[cfg(target_arch = "x86_64")]
+fn share(len: usize, unit: usize, threads: usize, f: impl Fn(usize, usize) + Sync + Send) {
+    let step = len.div_ceil(threads).next_multiple_of(unit).max(unit);
+    par::for_each(len.div_ceil(step), true, |i| f(i * step, ((i + 1) * step).min(len)));
 }
 
 /// Our kernel's view of `b` from column `c0` on (for panels, `c0` a multiple of 16).
