@@ -1080,7 +1080,7 @@ impl<B: Backend> Exec for Tape<'_, B> {
             return Ok(y);
         }
         let dims = fwd::bld("unshuffle", x)?;
-        let table = fill.numel() != dims.2;
+        let table = fwd::unshuffle_fill_table(x, fill, restore)?;
         Ok(self.record(Op::Unshuffle { x: xn, fill: fnode, restore: restore.to_vec(), dims, table }, y))
     }
 

@@ -361,7 +361,10 @@ pub mod fwd {
         Ok(value(be.gather_rows(&x.buf, b, l, d, ids)?, vec![b, ids.len() / b, d]))
     }
 
-    pub fn unshuffle<B: Backend>(be: &B, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
+    /// Checks an unshuffle's shapes and says whether `fill` is one row per position (`(len, d)`)
+    /// rather than one row for every masked token (`(d)`; with `len = 1` both read the same).
+    /// The one place that decides it: the forward and the tape's backward both ask here.
+    pub fn unshuffle_fill_table<B: Backend>(x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<bool> {
         let (b, k, d) = bld("unshuffle", x)?;
         let len = restore.len().checked_div(b).unwrap_or(0);
         if (fill.numel() != d && fill.numel() != len * d) || b == 0 || restore.len() % b != 0 || len < k {
@@ -370,7 +373,13 @@ pub mod fwd {
                 format!("{:?} with fill {:?} and {} restore ids", x.shape, fill.shape, restore.len()),
             );
         }
-        Ok(value(be.unshuffle(&x.buf, &fill.buf, b, k, d, restore)?, vec![b, restore.len() / b, d]))
+        Ok(fill.numel() != d)
+    }
+
+    pub fn unshuffle<B: Backend>(be: &B, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
+        let table = unshuffle_fill_table(x, fill, restore)?;
+        let (b, k, d) = bld("unshuffle", x)?;
+        Ok(value(be.unshuffle(&x.buf, &fill.buf, b, k, d, restore, table)?, vec![b, restore.len() / b, d]))
     }
 
     pub fn mean_tokens<B: Backend>(be: &B, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {

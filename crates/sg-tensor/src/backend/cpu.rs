@@ -733,15 +733,21 @@ impl Backend for Cpu {
         gather::scatter_add_rows(dy, batch, len, dim, ids, d)
     }
 
-    fn unshuffle(&self, x: &Buf, fill: &Buf, batch: usize, kept: usize, dim: usize, restore: &[usize]) -> Result<Buf> {
+    fn unshuffle(
+        &self,
+        x: &Buf,
+        fill: &Buf,
+        batch: usize,
+        kept: usize,
+        dim: usize,
+        restore: &[usize],
+        table: bool,
+    ) -> Result<Buf> {
         let op = "unshuffle";
         let len = restore.len() / batch.max(1);
         check_len(op, "x", x.len(), batch * kept * dim)?;
         check_len(op, "restore", restore.len(), batch * len)?;
-        let table = fill.len() == len * dim && len != 1;
-        if !table {
-            check_len(op, "fill", fill.len(), dim)?;
-        }
+        check_len(op, "fill", fill.len(), if table { len * dim } else { dim })?;
         if let Some(&index) = restore.iter().find(|&&r| r >= len) {
             return Err(TensorError::Index { op, index, len });
         }
@@ -776,16 +782,20 @@ impl Backend for Cpu {
         let len = restore.len() / batch.max(1);
         if let Some(dx) = dx {
             let (d, mode) = slot("unshuffle_backward", dx, batch * kept * dim)?;
-            for n in 0..batch {
+            // A sample's kept rows take gradient from that sample's rows only: samples split
+            // across threads.
+            let parallel = d.len() > 2 * STREAM_CHUNK && par::can_split();
+            par::chunks_mut(d, (kept * dim).max(1), parallel, |n, out| {
                 for l in 0..len {
                     let r = restore[n * len + l];
                     if r < kept {
-                        for j in 0..dim {
-                            put(d, (n * kept + r) * dim + j, dy[(n * len + l) * dim + j], mode);
+                        let g = &dy[(n * len + l) * dim..(n * len + l + 1) * dim];
+                        for (j, &v) in g.iter().enumerate() {
+                            put(out, r * dim + j, v, mode);
                         }
                     }
                 }
-            }
+            });
         }
         let Some(df) = dfill else { return Ok(()) };
         if fill_table {

@@ -481,9 +481,17 @@ impl Backend for CpuF64 {
         write_slot("gather_rows_backward", dx, g.len(), |i| g[i])
     }
 
-    fn unshuffle(&self, x: &Buf, fill: &Buf, batch: usize, kept: usize, dim: usize, restore: &[usize]) -> Result<Buf> {
+    fn unshuffle(
+        &self,
+        x: &Buf,
+        fill: &Buf,
+        batch: usize,
+        kept: usize,
+        dim: usize,
+        restore: &[usize],
+        table: bool,
+    ) -> Result<Buf> {
         let len = restore.len() / batch.max(1);
-        let table = fill.len() == len * dim && len != 1;
         let mut y = vec![0.0; batch * len * dim];
         for n in 0..batch {
             for l in 0..len {

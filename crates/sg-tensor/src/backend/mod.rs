@@ -484,8 +484,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dx: &mut Grad<Self>,
     ) -> Result<()>;
     /// The decoder's unshuffle: `out[n, l, :] = x[n, r, :]` if `r = restore[n * len + l] < kept`, else
-    /// the fill row; `x (batch, kept, dim)`, `fill` one row `(dim)` or one per position `(len, dim)`
-    /// (then token `l` of every sample takes row `l`).
+    /// the fill row; `x (batch, kept, dim)`, `fill` one row `(dim)` or, with `fill_table`, one per
+    /// position `(len, dim)` (then token `l` of every sample takes row `l`). Callers decide
+    /// `fill_table` with [`crate::exec::fwd::unshuffle_fill_table`], for the backward as well.
+    #[allow(clippy::too_many_arguments)]
     fn unshuffle(
         &self,
         x: &Self::Buf,
@@ -494,6 +496,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
         kept: usize,
         dim: usize,
         restore: &[usize],
+        fill_table: bool,
     ) -> Result<Self::Buf>;
     fn unshuffle_backward(
         &self,
