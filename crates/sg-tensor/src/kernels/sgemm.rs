@@ -492,7 +492,11 @@ mod imp {
                         let t = transpose8(v);
                         for (q, x) in t.iter().enumerate() {
                             let d = panel.add((p + q) * W + g);
-                            if rows == 8 {
+                            if rows == 8 || (W < 8 && (q < 7 || p + 8 < k || j0 + W < cols)) {
+                                // A narrow panel (A's 6 rows) takes whole vectors too: the lanes
+                                // past its width land on the next step's first values, which the
+                                // next store (or the next panel) writes afterwards; only the very
+                                // last step of the last panel would write past the buffer.
                                 _mm256_storeu_ps(d, *x);
                             } else {
                                 let mut buf = [0f32; 8];
