@@ -1075,12 +1075,11 @@ impl<B: Backend> Exec for Tape<'_, B> {
 
     fn unshuffle(&mut self, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
         let (xn, fnode) = (self.check_node(x)?, self.check_node(fill)?);
-        let y = fwd::unshuffle(&self.backend, x, fill, restore)?;
+        let (y, table) = fwd::unshuffle(&self.backend, x, fill, restore)?;
         if xn.is_none() && fnode.is_none() {
             return Ok(y);
         }
         let dims = fwd::bld("unshuffle", x)?;
-        let table = fwd::unshuffle_fill_table(x, fill, restore)?;
         Ok(self.record(Op::Unshuffle { x: xn, fill: fnode, restore: restore.to_vec(), dims, table }, y))
     }
 

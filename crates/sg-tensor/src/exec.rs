@@ -361,10 +361,10 @@ pub mod fwd {
         Ok(value(be.gather_rows(&x.buf, b, l, d, ids)?, vec![b, ids.len() / b, d]))
     }
 
-    /// Checks an unshuffle's shapes and says whether `fill` is one row per position (`(len, d)`)
-    /// rather than one row for every masked token (`(d)`; with `len = 1` both read the same).
-    /// The one place that decides it: the forward and the tape's backward both ask here.
-    pub fn unshuffle_fill_table<B: Backend>(x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<bool> {
+    /// The unshuffle, and whether `fill` was one row per position (`(len, d)`) rather than one row
+    /// for every masked token (`(d)`; with `len = 1` both read the same). The one place that
+    /// decides it: the backend's forward is told, and a tape records it for the backward.
+    pub fn unshuffle<B: Backend>(be: &B, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<(Value<B>, bool)> {
         let (b, k, d) = bld("unshuffle", x)?;
         let len = restore.len().checked_div(b).unwrap_or(0);
         if (fill.numel() != d && fill.numel() != len * d) || b == 0 || restore.len() % b != 0 || len < k {
@@ -373,13 +373,8 @@ pub mod fwd {
                 format!("{:?} with fill {:?} and {} restore ids", x.shape, fill.shape, restore.len()),
             );
         }
-        Ok(fill.numel() != d)
-    }
-
-    pub fn unshuffle<B: Backend>(be: &B, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
-        let table = unshuffle_fill_table(x, fill, restore)?;
-        let (b, k, d) = bld("unshuffle", x)?;
-        Ok(value(be.unshuffle(&x.buf, &fill.buf, b, k, d, restore, table)?, vec![b, restore.len() / b, d]))
+        let table = fill.numel() != d;
+        Ok((value(be.unshuffle(&x.buf, &fill.buf, b, k, d, restore, table)?, vec![b, len, d]), table))
     }
 
     pub fn mean_tokens<B: Backend>(be: &B, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {
@@ -882,7 +877,7 @@ impl<B: Backend> Exec for Eval<'_, B> {
     }
 
     fn unshuffle(&mut self, x: &Value<B>, fill: &Value<B>, restore: &[usize]) -> Result<Value<B>> {
-        fwd::unshuffle(&self.backend, x, fill, restore)
+        Ok(fwd::unshuffle(&self.backend, x, fill, restore)?.0)
     }
 
     fn mean_tokens(&mut self, x: &Value<B>, skip_first: bool) -> Result<Value<B>> {

@@ -486,7 +486,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// The decoder's unshuffle: `out[n, l, :] = x[n, r, :]` if `r = restore[n * len + l] < kept`, else
     /// the fill row; `x (batch, kept, dim)`, `fill` one row `(dim)` or, with `fill_table`, one per
     /// position `(len, dim)` (then token `l` of every sample takes row `l`). Callers decide
-    /// `fill_table` with [`crate::exec::fwd::unshuffle_fill_table`], for the backward as well.
+    /// `fill_table` with [`crate::exec::fwd::unshuffle`], for the backward as well.
     #[allow(clippy::too_many_arguments)]
     fn unshuffle(
         &self,
