@@ -143,6 +143,9 @@ pub trait Simd: Copy + 'static {
     fn round(a: Self::V) -> Self::V;
     /// `2^n` for an integer-valued `n` in [-126, 127].
     fn pow2i(n: Self::V) -> Self::V;
+    /// `(e, m)` with `x = m * 2^e`, `m` in [1, 2) and `e` integer-valued, read from the bits of a
+    /// positive normal `x` (the inverse of [`Simd::pow2i`]); other lanes get unspecified values.
+    fn split_exp(x: Self::V) -> (Self::V, Self::V);
     /// Lane-wise `if a < b { x } else { y }`.
     fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
     /// Lane-wise `table[i]` for an integer-valued `i` in 0..8 (AVX2: one `vpermps`). Any other `i`
@@ -249,6 +252,11 @@ impl Simd for Scalar {
         f32::from_bits((((n as i32) + 127) as u32) << 23)
     }
     #[inline(always)]
+    fn split_exp(x: f32) -> (f32, f32) {
+        let b = x.to_bits();
+        (((b >> 23) & 0xff) as f32 - 127.0, f32::from_bits((b & MANTISSA) | ONE_BITS))
+    }
+    #[inline(always)]
     fn select_lt(a: f32, b: f32, x: f32, y: f32) -> f32 {
         if a < b {
             x
@@ -341,6 +349,12 @@ impl Simd for Portable {
         bytemuck_cast(bits)
     }
     #[inline(always)]
+    fn split_exp(x: Self::V) -> (Self::V, Self::V) {
+        // Lane by lane, as one-lane code does it (the portable path's speed is not at stake here).
+        let (e, m): (Vec<f32>, Vec<f32>) = x.to_array().into_iter().map(Scalar::split_exp).unzip();
+        (wide::f32x8::from(&e[..]), wide::f32x8::from(&m[..]))
+    }
+    #[inline(always)]
     fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
         a.cmp_lt(b).blend(x, y)
     }
@@ -367,6 +381,10 @@ fn cvtt_low3(v: f32) -> usize {
     let i = if (-2_147_483_648.0..2_147_483_648.0).contains(&v) { v as i32 } else { i32::MIN };
     (i & 7) as usize
 }
+
+/// The mantissa bits of an `f32`, and the bits of 1.0 (exponent field 127, mantissa 0).
+const MANTISSA: u32 = 0x007f_ffff;
+const ONE_BITS: u32 = 0x3f80_0000;
 
 #[inline(always)]
 fn bytemuck_cast(bits: wide::i32x8) -> wide::f32x8 {
@@ -456,6 +474,19 @@ mod avx2 {
             unsafe {
                 let i = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
                 _mm256_castsi256_ps(_mm256_slli_epi32(i, 23))
+            }
+        }
+        #[inline(always)]
+        fn split_exp(x: __m256) -> (__m256, __m256) {
+            unsafe {
+                let b = _mm256_castps_si256(x);
+                let e = _mm256_srli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x7f80_0000)), 23);
+                let e = _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(127)));
+                let m = _mm256_or_si256(
+                    _mm256_and_si256(b, _mm256_set1_epi32(super::MANTISSA as i32)),
+                    _mm256_set1_epi32(super::ONE_BITS as i32),
+                );
+                (e, _mm256_castsi256_ps(m))
             }
         }
         #[inline(always)]

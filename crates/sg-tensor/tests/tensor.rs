@@ -234,3 +234,36 @@ fn results_are_bit_identical_for_any_thread_count() {
         assert!(with_threads(n, run) == one, "{n} threads differ from 1");
     }
 }
+
+#[test]
+fn ln_is_accurate_on_every_lane_type() {
+    // Every binade of the normal range at several mantissas, both sides of the fold at sqrt(2),
+    // values next to 1 (relative accuracy near the zero of ln), and a softmax's sums (1 to 1e4).
+    let mut xs: Vec<f32> = (-126..=127)
+        .flat_map(|e| [1.0f32, 1.1, 1.41421, 1.41422, 1.5, 1.999_999].map(|m| m * 2f32.powi(e)))
+        .filter(|x| x.is_finite())
+        .collect();
+    xs.extend((1..200).flat_map(|i| [1.0 + i as f32 * f32::EPSILON, 1.0 - i as f32 * f32::EPSILON / 2.0]));
+    xs.extend(data(21, 2000, 1.0).iter().map(|u| 10f32.powf(2.0 + 2.0 * u)));
+    let lanes: Vec<(&str, SliceFn)> = vec![
+        ("scalar", |x| map_lanes::<Scalar>(x, math::ln_pos::<Scalar>)),
+        ("portable", |x| map_lanes::<sg_tensor::simd::Portable>(x, math::ln_pos::<sg_tensor::simd::Portable>)),
+        #[cfg(target_arch = "x86_64")]
+        ("avx2+fma", |x| map_lanes::<sg_tensor::simd::Avx2>(x, math::ln_pos::<sg_tensor::simd::Avx2>)),
+    ];
+    for (name, ln) in lanes {
+        #[cfg(target_arch = "x86_64")]
+        if name == "avx2+fma" && !Isa::available().contains(&Isa::Avx2Fma) {
+            continue;
+        }
+        for (&x, y) in xs.iter().zip(ln(&xs)) {
+            let want = (x as f64).ln();
+            // Two units in the last place of the result.
+            let ulp = (want.abs() as f32).max(f32::MIN_POSITIVE) as f64 * f32::EPSILON as f64;
+            assert!((y as f64 - want).abs() <= 2.0 * ulp, "{name}: ln {x:e} = {y:e}, want {want:e}");
+        }
+        let y = ln(&[f32::NAN, f32::INFINITY, 1.0]);
+        assert!(y[0].is_nan(), "{name}: NaN must propagate");
+        assert_eq!((y[1], y[2]), (f32::INFINITY, 0.0), "{name}");
+    }
+}

@@ -57,6 +57,31 @@ pub fn exp_nonpos<S: Simd>(x: S::V) -> S::V {
     S::mul(y, S::pow2i(n))
 }
 
+/// `ln x` for positive normal `x`, within 2 ulp; NaN and +infinity pass through, and zero,
+/// negative and subnormal inputs give unspecified values. `x = m 2^e` with `m` folded into
+/// [sqrt(1/2), sqrt(2)), and `ln m = 2 atanh(t)`, `t = (m - 1) / (m + 1)`, `|t| <= 0.172`, as an odd
+/// series to `t^9` (the next term is below 1e-9 of the result).
+#[inline(always)]
+pub fn ln_pos<S: Simd>(x: S::V) -> S::V {
+    let (e, m) = S::split_exp(x);
+    let sqrt2 = S::splat(std::f32::consts::SQRT_2);
+    let e = S::add(e, S::select_lt(sqrt2, m, S::splat(1.0), S::splat(0.0)));
+    let m = S::select_lt(sqrt2, m, S::mul(m, S::splat(0.5)), m);
+    // m - 1 is exact (Sterbenz), so near x = 1 the result keeps its relative accuracy.
+    let t = S::div(S::sub(m, S::splat(1.0)), S::add(m, S::splat(1.0)));
+    let t2 = S::mul(t, t);
+    let mut p = S::splat(1.0 / 9.0);
+    p = S::fma(p, t2, S::splat(1.0 / 7.0));
+    p = S::fma(p, t2, S::splat(1.0 / 5.0));
+    p = S::fma(p, t2, S::splat(1.0 / 3.0));
+    let two_t = S::add(t, t);
+    let ln_m = S::fma(S::mul(two_t, t2), p, two_t);
+    // e ln 2 in two parts (Cody-Waite, as in `exp`): e * LN2_HI is exact.
+    let y = S::fma(e, S::splat(LN2_HI), S::fma(e, S::splat(LN2_LO), ln_m));
+    // NaN fails `x < inf` and so does +inf: both are returned as they came.
+    S::select_lt(x, S::splat(f32::INFINITY), y, x)
+}
+
 /// erf's pieces: `|x|` in `[i / 2, (i + 1) / 2)` for `i` in 0..8 is piece `i`, a degree-7
 /// polynomial in `|x| - ERF_CENTRE[i]`; piece 0 has no constant term, so it keeps relative
 /// accuracy near 0. Fitted by tools/fit_math.py (iterated least squares towards minimax, against
