@@ -13,7 +13,7 @@
 //! can be three offset views of one fused QKV projection (`ld = 3 * heads * head_dim`) and the output
 //! feeds the output projection directly: no head transposes anywhere.
 
-use super::tile;
+use super::tile::{self, Scale};
 use super::{math, softmax::dot_serial};
 use crate::error::{check_len, check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
@@ -315,11 +315,13 @@ unsafe fn forward_head<S: Simd>(
     let bk = key_block(seq);
     // K^T of this head, once, keys padded with zeros: the score products read contiguous rows.
     let sp = seq.next_multiple_of(PAD);
-    let sizes = [hd * sp, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * hd, BLOCK_Q, BLOCK_Q];
+    let one_tile = seq <= bk;
+    let sizes = [hd * sp, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * hd, BLOCK_Q, BLOCK_Q, BLOCK_Q];
     let mut scratch = Scratch::take(sizes.iter().sum());
     // `m` and `l` (each row's running maximum and sum) are written by the first key tile before
-    // anything reads them: stack arrays would be zeroed by a `memset` call per head.
-    let [kt, qc, vc, sc, acc, m, l] = scratch.carve(sizes);
+    // anything reads them, `inv` (1 / l) before the last tile's product: stack arrays would be
+    // zeroed by a `memset` call per head.
+    let [kt, qc, vc, sc, acc, m, l, inv] = scratch.carve(sizes);
     transpose_padded::<S>(k, ldk, seq, hd, kt, sp);
     // Row strides of the next task's q, k, v and out (as this task's, before any copy).
     let next_ld = [ldq, ldk, ldv, ldo];
@@ -346,7 +348,7 @@ unsafe fn forward_head<S: Simd>(
                 bq,
                 nkp,
                 hd,
-                scale,
+                Scale::All(scale),
                 q.add(i0 * ldq),
                 ldq,
                 1,
@@ -373,11 +375,24 @@ unsafe fn forward_head<S: Simd>(
                 }
                 m[r] = m_new;
             }
-            // acc (=|+=) P V_j: V's rows are already contiguous over the head dimension.
-            tile::matmul::<S>(bq, hd, nk, 1.0, sc.as_ptr(), nkp, 1, v.add(j0 * ldv), ldv, acc.as_mut_ptr(), hd, !first);
+            // V's rows are already contiguous over the head dimension.
+            if one_tile {
+                // out = (P V) / l, written once: the normalisation rides in the product's store.
+                for (i, x) in inv[..bq].iter_mut().enumerate() {
+                    *x = 1.0 / l[i];
+                }
+                let (pv, o) = (v.add(j0 * ldv), out.add(i0 * ldo));
+                tile::matmul::<S>(bq, hd, nk, Scale::Rows(inv.as_ptr()), sc.as_ptr(), nkp, 1, pv, ldv, o, ldo, false);
+            } else {
+                // acc (=|+=) P V_j.
+                let (pv, a) = (v.add(j0 * ldv), acc.as_mut_ptr());
+                tile::matmul::<S>(bq, hd, nk, Scale::All(1.0), sc.as_ptr(), nkp, 1, pv, ldv, a, hd, !first);
+            }
         }
-        for r in 0..bq {
-            scale_to::<S>(&acc[r * hd..(r + 1) * hd], 1.0 / l[r], out.add((i0 + r) * ldo));
+        if !one_tile {
+            for r in 0..bq {
+                scale_to::<S>(&acc[r * hd..(r + 1) * hd], 1.0 / l[r], out.add((i0 + r) * ldo));
+            }
         }
         if let Some(lp) = lse {
             // lse = m + ln l, a vector of rows at a time, into `l` (a libm `ln` call per row was 2%
@@ -573,7 +588,20 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
             let first = i0 == 0;
             let (qi, doi) = (pq.add(i0 * ldq), pdo.add(i0 * lddo));
             // P = exp(scale * Q_i K_j^T - lse_i).
-            tile::matmul::<S>(bq, nkp, hd, scale, qi, ldq, 1, kt.as_ptr().add(j0), sp, pm.as_mut_ptr(), nkp, false);
+            tile::matmul::<S>(
+                bq,
+                nkp,
+                hd,
+                Scale::All(scale),
+                qi,
+                ldq,
+                1,
+                kt.as_ptr().add(j0),
+                sp,
+                pm.as_mut_ptr(),
+                nkp,
+                false,
+            );
             for r in 0..bq {
                 if j0 == 0 {
                     prefetch_row::<S, 8>(&next, &p.ld, i0 + r, hd);
@@ -581,9 +609,22 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 exp_shift_sum::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r]);
             }
             // dV_j (=|+=) P^T dO_i.
-            tile::matmul::<S>(nk, hd, bq, 1.0, pm.as_ptr(), 1, nkp, doi, lddo, dvp, lddvp, !first);
+            tile::matmul::<S>(nk, hd, bq, Scale::All(1.0), pm.as_ptr(), 1, nkp, doi, lddo, dvp, lddvp, !first);
             // dP = dO_i V_j^T; dS = P * (dP - D_i).
-            tile::matmul::<S>(bq, nkp, hd, 1.0, doi, lddo, 1, vt.as_ptr().add(j0), sp, dp.as_mut_ptr(), nkp, false);
+            tile::matmul::<S>(
+                bq,
+                nkp,
+                hd,
+                Scale::All(1.0),
+                doi,
+                lddo,
+                1,
+                vt.as_ptr().add(j0),
+                sp,
+                dp.as_mut_ptr(),
+                nkp,
+                false,
+            );
             // Whole padded rows, so no scalar tail: P's padding is 0, which zeroes dS's.
             for r in 0..bq {
                 let row = r * nkp..(r + 1) * nkp;
@@ -594,7 +635,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 bq,
                 hd,
                 nk,
-                scale,
+                Scale::All(scale),
                 dp.as_ptr(),
                 nkp,
                 1,
@@ -604,7 +645,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 lddqp,
                 j0 > 0,
             );
-            tile::matmul::<S>(nk, hd, bq, scale, dp.as_ptr(), 1, nkp, qi, ldq, dkp, lddkp, !first);
+            tile::matmul::<S>(nk, hd, bq, Scale::All(scale), dp.as_ptr(), 1, nkp, qi, ldq, dkp, lddkp, !first);
         }
         if !one_query_block {
             copy_rows(dk_blk.as_ptr(), hd, p.dk.add(j0 * lddk), lddk, nk, hd);

@@ -9,11 +9,44 @@ use crate::simd::Simd;
 /// Rows of C per micro-kernel call.
 const MR: usize = 6;
 
+/// What the products are multiplied by as they are stored into C.
+#[derive(Clone, Copy)]
+pub(crate) enum Scale {
+    /// One factor for every element.
+    All(f32),
+    /// `f[i]` for row `i` of C: the attention forward's `1 / l` per query row, so that P V is
+    /// written to the output once, normalised, instead of to a buffer and then scaled across.
+    Rows(*const f32),
+}
+
+impl Scale {
+    /// The factor of row `r`.
+    ///
+    /// # Safety
+    /// For `Rows`, row `r`'s factor must be readable.
+    #[inline(always)]
+    unsafe fn row(self, r: usize) -> f32 {
+        match self {
+            Scale::All(a) => a,
+            Scale::Rows(f) => *f.add(r),
+        }
+    }
+
+    /// The same scale for the rows from `r0` on.
+    #[inline(always)]
+    unsafe fn from_row(self, r0: usize) -> Scale {
+        match self {
+            Scale::All(a) => Scale::All(a),
+            Scale::Rows(f) => Scale::Rows(f.add(r0)),
+        }
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
     k: usize,
-    alpha: f32,
+    alpha: Scale,
     a: *const f32,
     rsa: usize,
     csa: usize,
@@ -40,8 +73,8 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
         ap = ap.add(csa);
         bp = bp.add(rsb);
     }
-    let va = S::splat(alpha);
     for (r, row) in acc.iter().enumerate() {
+        let va = S::splat(alpha.row(r));
         let cp = c.add(r * rsc);
         for (v, &x) in row.iter().enumerate() {
             let p = cp.add(v * S::LANES);
@@ -56,7 +89,7 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
 unsafe fn rows_block<S: Simd, const NV: usize>(
     rows: usize,
     k: usize,
-    alpha: f32,
+    alpha: Scale,
     a: *const f32,
     rsa: usize,
     csa: usize,
@@ -68,7 +101,7 @@ unsafe fn rows_block<S: Simd, const NV: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows {
-        let (a0, c0) = (a.add(r0 * rsa), c.add(r0 * rsc));
+        let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.from_row(r0));
         match rows - r0 {
             1 => micro::<S, 1, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
             2 => micro::<S, 2, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
@@ -85,14 +118,15 @@ unsafe fn rows_block<S: Simd, const NV: usize>(
 /// `b + p * rsb` and holds `n` contiguous values; row `i` of C starts at `c + i * rsc`.
 ///
 /// # Safety
-/// All addressed elements must be valid, and C must not overlap A or B.
+/// All addressed elements must be valid (with `Scale::Rows`, `m` factors), and C must not overlap
+/// A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn matmul<S: Simd>(
     m: usize,
     n: usize,
     k: usize,
-    alpha: f32,
+    alpha: Scale,
     a: *const f32,
     rsa: usize,
     csa: usize,
@@ -119,8 +153,8 @@ pub(crate) unsafe fn matmul<S: Simd>(
             for p in 0..k {
                 s += *a.add(i * rsa + p * csa) * *b.add(p * rsb + j);
             }
-            let cp = c.add(i * rsc + j);
-            *cp = if accumulate { *cp + alpha * s } else { alpha * s };
+            let (cp, a) = (c.add(i * rsc + j), alpha.row(i));
+            *cp = if accumulate { *cp + a * s } else { a * s };
         }
     }
 }
