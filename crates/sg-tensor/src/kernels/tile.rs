@@ -34,7 +34,7 @@ impl Scale {
 
     /// The same scale for the rows from `r0` on.
     #[inline(always)]
-    unsafe fn from_row(self, r0: usize) -> Scale {
+    unsafe fn skip_rows(self, r0: usize) -> Scale {
         match self {
             Scale::All(a) => Scale::All(a),
             Scale::Rows(f) => Scale::Rows(f.add(r0)),
@@ -101,7 +101,7 @@ unsafe fn rows_block<S: Simd, const NV: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows {
-        let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.from_row(r0));
+        let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.skip_rows(r0));
         match rows - r0 {
             1 => micro::<S, 1, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
             2 => micro::<S, 2, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
