@@ -350,9 +350,12 @@ impl Simd for Portable {
     }
     #[inline(always)]
     fn split_exp(x: Self::V) -> (Self::V, Self::V) {
-        // Lane by lane, as one-lane code does it (the portable path's speed is not at stake here).
-        let (e, m): (Vec<f32>, Vec<f32>) = x.to_array().into_iter().map(Scalar::split_exp).unzip();
-        (wide::f32x8::from(&e[..]), wide::f32x8::from(&m[..]))
+        // Lane by lane, as one-lane code does it.
+        let (mut e, mut m) = ([0f32; 8], [0f32; 8]);
+        for (i, v) in x.to_array().into_iter().enumerate() {
+            (e[i], m[i]) = Scalar::split_exp(v);
+        }
+        (wide::f32x8::from(e), wide::f32x8::from(m))
     }
     #[inline(always)]
     fn select_lt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
