@@ -235,6 +235,30 @@ fn results_are_bit_identical_for_any_thread_count() {
     }
 }
 
+/// `par::install` runs its closure on a thread of the global pool, returns what the closure
+/// returns, and the kernels inside it give the same bits as called from outside the pool.
+#[test]
+#[cfg(feature = "rayon")]
+fn install_runs_on_a_pool_thread_with_the_same_results() {
+    assert_eq!(rayon::current_thread_index(), None, "the test thread is outside the pool");
+    assert!(sg_tensor::par::install(rayon::current_thread_index).is_some());
+    // Nested: already on a pool thread, it runs inline.
+    let nested = sg_tensor::par::install(|| {
+        let outer = rayon::current_thread_index();
+        (outer, sg_tensor::par::install(rayon::current_thread_index))
+    });
+    assert_eq!(nested.0, nested.1);
+    let (m, k, n) = (300, 200, 180);
+    let (a, b) = (data(5, m * k, 1.0), data(6, k * n, 1.0));
+    let product = || {
+        let mut c = vec![0.0; m * n];
+        gemm::gemm(gemm::Trans::N, gemm::Trans::N, m, n, k, 1.0, &a, k, &b, n, 0.0, &mut c, n).unwrap();
+        c
+    };
+    let outside = product();
+    assert!(sg_tensor::par::install(product) == outside);
+}
+
 #[test]
 fn ln_is_accurate_on_every_lane_type() {
     // Every binade of the normal range at several mantissas, both sides of the fold at sqrt(2),

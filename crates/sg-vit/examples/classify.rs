@@ -130,7 +130,7 @@ fn run() -> Result<()> {
         let tokens = model.tokens(&x, 1)?;
         let input = e.constant(&tokens, &[1, cfg.tokens(), cfg.token_dim()])?;
         if cfg.num_classes == 0 {
-            let z = model.embedding(&mut e, &input)?;
+            let z = sg_tensor::par::install(|| model.embedding(&mut e, &input))?;
             let z = e.read(&z);
             let norm = z.iter().map(|v| v * v).sum::<f64>().sqrt();
             println!(
@@ -141,7 +141,8 @@ fn run() -> Result<()> {
             );
             continue;
         }
-        let z = model.logits(&mut e, &input)?;
+        // On a pool thread: each parallel kernel then wakes one worker, not two threads.
+        let z = sg_tensor::par::install(|| model.logits(&mut e, &input))?;
         let z = e.read(&z);
         if let Some(r) = &reference {
             let mut e32 = Eval::new(Cpu, r);
