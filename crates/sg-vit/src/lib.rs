@@ -4,6 +4,9 @@
 //! - [`tokens`]: 3D tokenisation (`patchify` / `unpatchify`) in the original's index order;
 //! - [`model`]: the encoder and classifier, written once over [`sg_tensor::Exec`] with the original
 //!   parameter names, loadable from safetensors with [`sg_tensor::io`].
+//!
+//! For speed, hand the Linear weights to [`sg_tensor::Eval::packed`] once at load and run each
+//! forward inside [`sg_tensor::par::install`] (see `examples/classify.rs`).
 
 pub mod config;
 /// The seeded generator behind initialisation (it lives in `sg-tensor`, shared with data loading).
