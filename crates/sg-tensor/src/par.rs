@@ -59,8 +59,9 @@ pub fn set_threads(n: usize) -> Result<()> {
 /// caller's own. Run a whole forward pass this way: each parallel kernel then starts from a pool
 /// thread, which wakes at most the other threads, instead of from an outside thread that wakes a
 /// worker, sleeps until the work is done and is woken again, and that competes with the workers for
-/// the cores. On two cores batch-1 inference of the base model (about 200 parallel kernels a
-/// sample) ran 6% faster and varied less (11 alternating runs, medians 2.60 -> 2.76 samples/s).
+/// the cores. On two cores the base classifier (about 200 parallel kernels a forward) won 11 of
+/// 16 alternating pairs at batch 1 (first 11: medians 2.60 -> 2.76 samples/s, and a tighter
+/// spread) and 5 of 6 at batch 8 (3.31 -> 3.47).
 /// `f` must not wait for other work that needs the pool: with one thread nothing could run it.
 pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     #[cfg(feature = "rayon")]
