@@ -6,13 +6,15 @@
 //! loaded (strictly: missing, extra or mis-shaped tensors are errors), the forward and backward run
 //! on the f32 CPU tape, and every `output.*` and `grad.*` is compared: outputs and losses within
 //! 1e-5 relative (1e-6 absolute) elementwise, gradients within 1e-4 of each tensor's largest value
-//! (gradients that vanish in exact arithmetic: see `grad_check`).
+//! (gradients that vanish in exact arithmetic: see `grad_check`). The model's outputs are also run
+//! in f64 ([`CpuF64`]), and their allowance grows by the reference's own worst distance from that
+//! run (see [`exact_check`]): PyTorch rounds in f32 too.
 
 use std::path::Path;
 
 use sg_autograd::Tape;
 use sg_mae3d::{Mae3d, MaeConfig, Masking};
-use sg_tensor::backend::Cpu;
+use sg_tensor::backend::{Cpu, CpuF64};
 use sg_tensor::io::{load_params, SafetensorsFile};
 use sg_tensor::kernels::linear::Activation;
 use sg_tensor::{Eval, Exec, ParamStore, Result, TensorError};
@@ -59,6 +61,28 @@ fn output_check(name: &str, got: &[f64], want: &[f32]) -> Check {
         let e = abs_diff(g, w as f64);
         max_abs = max_abs.max(e);
         ratio = ratio.max(e / (1e-6 + 1e-5 * (w as f64).abs()));
+    }
+    Check { name: name.to_string(), max_abs_err: max_abs, ratio }
+}
+
+/// Output comparison against the reference `want` and the same model run in f64, `exact`:
+/// `|got - want| <= 1e-6 + 1e-5 |want| + r` for every element, where `r = max |want - exact|` is
+/// the reference's own worst rounding error in this tensor. Both sides round in f32, and ours can
+/// not be held closer to PyTorch than PyTorch is to exact arithmetic. Why: in the small pretraining
+/// fixture PyTorch's encoder output is up to 1.8e-6 from the f64 run (ours: 1.5-1.6e-6, the same
+/// RMS error, 3.3e-7 against 3.5e-7), so against PyTorch alone the plain 1e-6 floor passed or
+/// failed by the order of a sum. Where the reference is accurate, `r` is small and the check stays
+/// as tight as [`output_check`].
+fn exact_check(name: &str, got: &[f64], want: &[f32], exact: &[f64]) -> Check {
+    if exact.len() != want.len() || got.len() != want.len() {
+        return Check { name: name.to_string(), max_abs_err: f64::INFINITY, ratio: f64::INFINITY };
+    }
+    let r = want.iter().zip(exact).map(|(&w, &x)| abs_diff(w as f64, x)).fold(0.0, f64::max);
+    let (mut max_abs, mut ratio): (f64, f64) = (0.0, 0.0);
+    for (&g, &w) in got.iter().zip(want) {
+        let e = abs_diff(g, w as f64);
+        max_abs = max_abs.max(e);
+        ratio = ratio.max(e / (1e-6 + 1e-5 * (w as f64).abs() + r));
     }
     Check { name: name.to_string(), max_abs_err: max_abs, ratio }
 }
@@ -161,18 +185,29 @@ fn run_mae(f: &SafetensorsFile, json: &serde_json::Value) -> Result<Report> {
     let m = Masking::from_noise(&noise, n, l, cfg.mask_ratio)?;
 
     let mut checks = Vec::new();
-    // The patch embedding alone, on an inference executor.
+    // The patch embedding alone, on an inference executor, and the model in f64.
     {
         let mut e = Eval::new(Cpu, &store);
         let t = e.constant(&tokens, &[n, l, td])?;
         let pe = model.encoder.patch_embed.forward(&mut e, &t, Activation::Identity)?;
-        checks.push(output_check("output.patch_embed_out", &e.read(&pe), &f.f32("output.patch_embed_out")?.1));
+        let mut x = Eval::new(CpuF64, &store);
+        let tx = x.constant(&tokens, &[n, l, td])?;
+        let pex = model.encoder.patch_embed.forward(&mut x, &tx, Activation::Identity)?;
+        let want = f.f32("output.patch_embed_out")?.1;
+        checks.push(exact_check("output.patch_embed_out", &e.read(&pe), &want, &x.read(&pex)));
     }
+    let exact = {
+        let mut x = Eval::new(CpuF64, &store);
+        let t = x.constant(&tokens, &[n, l, td])?;
+        let out = model.forward(&mut x, &t, &m)?;
+        (x.read(&out.encoder_out), x.read(&out.pred))
+    };
     let mut tape = Tape::new(Cpu, &store);
     let t = tape.constant(&tokens, &[n, l, td])?;
     let out = model.forward(&mut tape, &t, &m)?;
-    checks.push(output_check("output.encoder_out", &tape.read(&out.encoder_out), &f.f32("output.encoder_out")?.1));
-    checks.push(output_check("output.pred", &tape.read(&out.pred), &f.f32("output.pred")?.1));
+    let (enc, pred) = (tape.read(&out.encoder_out), tape.read(&out.pred));
+    checks.push(exact_check("output.encoder_out", &enc, &f.f32("output.encoder_out")?.1, &exact.0));
+    checks.push(exact_check("output.pred", &pred, &f.f32("output.pred")?.1, &exact.1));
     let tokens64: Vec<f64> = tokens.iter().map(|&v| v as f64).collect();
     checks.push(output_check("output.target", &tokens64, &f.f32("output.target")?.1));
     let mask64: Vec<f64> = m.mask.iter().map(|&v| v as f64).collect();
@@ -210,14 +245,21 @@ fn run_classifier(f: &SafetensorsFile, json: &serde_json::Value) -> Result<Repor
         }
         targets[i * c + y as usize] = 1.0;
     }
+    let shape = [n, cfg.tokens(), cfg.token_dim()];
+    let exact = {
+        let mut x = Eval::new(CpuF64, &store);
+        let t = x.constant(&tokens, &shape)?;
+        let (feats, logits) = (model.features(&mut x, &t)?, model.logits(&mut x, &t)?);
+        (x.read(&feats), x.read(&logits))
+    };
     let mut tape = Tape::new(Cpu, &store);
-    let t = tape.constant(&tokens, &[n, cfg.tokens(), cfg.token_dim()])?;
+    let t = tape.constant(&tokens, &shape)?;
     let feats = model.features(&mut tape, &t)?;
     let logits = model.logits(&mut tape, &t)?;
     let (loss, l) = tape.cross_entropy(&logits, &targets)?;
     let mut checks = vec![
-        output_check("output.tokens_out", &tape.read(&feats), &f.f32("output.tokens_out")?.1),
-        output_check("output.logits", &tape.read(&logits), &f.f32("output.logits")?.1),
+        exact_check("output.tokens_out", &tape.read(&feats), &f.f32("output.tokens_out")?.1, &exact.0),
+        exact_check("output.logits", &tape.read(&logits), &f.f32("output.logits")?.1, &exact.1),
         output_check("output.loss", &[l], &f.f32("output.loss")?.1),
     ];
     let grads = tape.backward(&loss)?;
@@ -248,13 +290,20 @@ fn run_dense(f: &SafetensorsFile, json: &serde_json::Value) -> Result<Report> {
     let fref = store.add("features", &fshape, feats)?;
     let labels: Vec<usize> = f.f32("input.labels")?.1.iter().map(|&v| v as usize).collect();
     let weights = f.f32("input.weights")?.1;
+    let exact = {
+        let mut e = Eval::new(CpuF64, &store);
+        let x = e.param(&fref)?;
+        let map = model.merge(&mut e, &x)?;
+        let logits = model.decode(&mut e, &map)?;
+        e.read(&logits)
+    };
     let mut tape = Tape::new(Cpu, &store);
     let x = tape.param(&fref)?;
     let map = model.merge(&mut tape, &x)?;
     let logits = model.decode(&mut tape, &map)?;
     let (loss, l) = sg_heads::UperNet::pixel_loss(&mut tape, &logits, &labels, &weights, 255)?;
     let mut checks = vec![
-        output_check("output.logits", &tape.read(&logits), &f.f32("output.logits")?.1),
+        exact_check("output.logits", &tape.read(&logits), &f.f32("output.logits")?.1, &exact),
         output_check("output.loss", &[l], &f.f32("output.loss")?.1),
     ];
     let grads = tape.backward(&loss)?;
@@ -287,4 +336,28 @@ fn compare_grads(store: &ParamStore, grads: &[f32], f: &SafetensorsFile) -> Resu
             grad_check(key, &got, w, model_scale)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_may_differ_by_the_references_own_rounding_and_no_more() {
+        // The reference is 3e-6 off exact arithmetic at its second element.
+        let (exact, want) = ([1.0f64, 0.0, -2.0], [1.0f32, 3e-6, -2.0]);
+        // 1.2e-5 from the reference at the first: over the plain 1e-6 + 1e-5 allowance, within it
+        // plus the reference's own 3e-6.
+        let got = [1.0 + 1.2e-5, 3e-6, -2.0];
+        assert!(!output_check("x", &got, &want).passed());
+        assert!(exact_check("x", &got, &want, &exact).passed());
+        // A real error, a NaN and a wrong length still fail.
+        assert!(!exact_check("x", &[1.0 + 1e-4, 3e-6, -2.0], &want, &exact).passed());
+        assert!(!exact_check("x", &[f64::NAN, 3e-6, -2.0], &want, &exact).passed());
+        assert!(!exact_check("x", &got[..2], &want, &exact).passed());
+        // With an exact reference the check is the plain one.
+        let want_exact = [1.0f32, 0.0, -2.0];
+        let exact0 = [1.0f64, 0.0, -2.0];
+        assert!(!exact_check("x", &got, &want_exact, &exact0).passed());
+    }
 }
