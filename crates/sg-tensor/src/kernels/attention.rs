@@ -3,10 +3,13 @@
 //! [`BLOCK_K`] with an online softmax (running max and sum), and the forward keeps only each row's
 //! log-sum-exp; the backward recomputes the probabilities tile by tile (FlashAttention-2's scheme).
 //! Tasks are (batch, head) pairs spread over the pool; inside a task, the tile products run on a
-//! register-blocked micro-kernel (`tile.rs`) with K and V transposed once per head. Data movement
-//! is a large share at the encoder's short sequences (57 visible tokens): there the forward reads Q
+//! register-blocked micro-kernel (`tile.rs`) whose row-contiguous operand is transposed once (Q^T
+//! per query block in the forward, K^T and V^T per head in the backward). Data movement
+//! is a large share at the encoder's short sequences (57 visible tokens): there the forward reads K
 //! in place (V, read many times, is copied to contiguous rows) and the backward writes dQ, dK and dV
-//! in place, and each task prefetches the rows of the head its thread runs next.
+//! in place, and each task prefetches the rows of the head its thread runs next. The forward
+//! computes its scores transposed (keys down, queries across), so that the softmax runs down
+//! columns a vector of queries at a time.
 //!
 //! Layout: token `t` of batch `b` is row `b * seq + t` of a row-major buffer with leading dimension
 //! `ld`, and head `h` occupies columns `h * head_dim .. (h + 1) * head_dim` of that row. So q, k and v
@@ -295,6 +298,74 @@ impl super::Unary for Mul {
     }
 }
 
+/// One key tile's scores, transposed (`nk` key rows of `cols` query columns, rows `ld` apart), made
+/// unnormalised probabilities in place. Per query column: `m = max(m_old, column max)`,
+/// `l = l_old * exp(m_old - m) + sum of exp(s - m)`, and with `first` false `alpha = exp(m_old - m)`
+/// for rescaling the accumulated output. Every step runs down the columns a vector of queries at a
+/// time, so no query needs a horizontal maximum or sum (the per-row form, scores with keys along
+/// the rows, took 16% of the forward at 57 tokens; this one 10-12%).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_columns<S: Simd>(
+    st: *mut f32,
+    nk: usize,
+    cols: usize,
+    ld: usize,
+    first: bool,
+    m: *mut f32,
+    l: *mut f32,
+    alpha: *mut f32,
+    mut prefetch: impl FnMut(usize),
+) {
+    for c in (0..cols).step_by(S::LANES) {
+        prefetch(c);
+        let col = st.add(c);
+        // Two chains each for the maximum and the sum, so neither paces the loop on its latency.
+        let mut mx = [S::splat(f32::NEG_INFINITY); 2];
+        let mut r = 0;
+        while r + 2 <= nk {
+            for (j, x) in mx.iter_mut().enumerate() {
+                *x = S::max(S::load(col.add((r + j) * ld)), *x);
+            }
+            r += 2;
+        }
+        if r < nk {
+            mx[0] = S::max(S::load(col.add(r * ld)), mx[0]);
+        }
+        let mut m_new = S::max(mx[0], mx[1]);
+        let m_old = S::load(m.add(c));
+        if !first {
+            m_new = S::max(m_new, m_old);
+        }
+        let mut sum = [S::splat(0.0); 2];
+        let mut r = 0;
+        while r + 2 <= nk {
+            for (j, x) in sum.iter_mut().enumerate() {
+                let at = col.add((r + j) * ld);
+                let e = math::exp_nonpos::<S>(S::sub(S::load(at), m_new));
+                S::store(at, e);
+                *x = S::add(*x, e);
+            }
+            r += 2;
+        }
+        if r < nk {
+            let at = col.add(r * ld);
+            let e = math::exp_nonpos::<S>(S::sub(S::load(at), m_new));
+            S::store(at, e);
+            sum[0] = S::add(sum[0], e);
+        }
+        let sum = S::add(sum[0], sum[1]);
+        if first {
+            S::store(l.add(c), sum);
+        } else {
+            let a = math::exp_nonpos::<S>(S::sub(m_old, m_new));
+            S::store(alpha.add(c), a);
+            S::store(l.add(c), S::fma(S::load(l.add(c)), a, sum));
+        }
+        S::store(m.add(c), m_new);
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn forward_head<S: Simd>(
@@ -313,80 +384,96 @@ unsafe fn forward_head<S: Simd>(
 ) {
     let (seq, hd) = (s.seq, s.head_dim);
     let bk = key_block(seq);
-    // K^T of this head, once, keys padded with zeros: the score products read contiguous rows.
-    let sp = seq.next_multiple_of(PAD);
     let one_tile = seq <= bk;
-    let sizes = [hd * sp, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * hd, BLOCK_Q, BLOCK_Q, BLOCK_Q];
+    // Scores are computed transposed, S^T = K Q^T (keys down, queries across), so that the softmax
+    // runs down columns a vector of queries at a time (`softmax_columns`), and P V reads P^T
+    // through strides. Q^T of the query block is the one transposed operand, its columns padded
+    // with zeros to a multiple of PAD.
+    let sizes =
+        [hd * BLOCK_Q, seq * hd, seq * hd, bk * (BLOCK_Q + PAD), BLOCK_Q * hd, BLOCK_Q, BLOCK_Q, BLOCK_Q, BLOCK_Q];
     let mut scratch = Scratch::take(sizes.iter().sum());
-    // `m` and `l` (each row's running maximum and sum) are written by the first key tile before
-    // anything reads them, `inv` (1 / l) before the last tile's product: stack arrays would be
-    // zeroed by a `memset` call per head.
-    let [kt, qc, vc, sc, acc, m, l, inv] = scratch.carve(sizes);
-    transpose_padded::<S>(k, ldk, seq, hd, kt, sp);
+    // `m`, `l` and `alpha` (each query's running maximum, sum and rescaling factor) are written by
+    // `softmax_columns` before anything reads them, `inv` (1 / l) before the last tile's product:
+    // stack arrays would be zeroed by a `memset` per head.
+    let [qt, kc, vc, st, acc, m, l, alpha, inv] = scratch.carve(sizes);
     // Row strides of the next task's q, k, v and out (as this task's, before any copy).
     let next_ld = [ldq, ldk, ldv, ldo];
     // V is copied out to contiguous rows: the P V product reads every row of V once per six rows
     // of P, and in place those rows are kilobytes apart, each on its own page (at 57 tokens the
-    // copy made the forward 5% faster: fewer TLB misses). Q's rows, read once per product, are
-    // copied only for long sequences (at 57 tokens the copy cost more than it saved).
+    // copy made the forward 5% faster: fewer TLB misses). K, the scores' row operand, is read once
+    // per query block: copied only when there is more than one.
     copy_rows(v, ldv, vc.as_mut_ptr(), hd, seq, hd);
     let (v, ldv) = (vc.as_ptr(), hd);
-    let (q, ldq) = if seq <= BLOCK_Q {
-        (q, ldq)
+    let (k, ldk) = if seq <= BLOCK_Q {
+        (k, ldk)
     } else {
-        copy_rows(q, ldq, qc.as_mut_ptr(), hd, seq, hd);
-        (qc.as_ptr(), hd)
+        copy_rows(k, ldk, kc.as_mut_ptr(), hd, seq, hd);
+        (kc.as_ptr(), hd)
     };
     for i0 in (0..seq).step_by(BLOCK_Q) {
         let bq = BLOCK_Q.min(seq - i0);
+        let bqp = bq.next_multiple_of(PAD);
+        // S^T's row stride: one vector more than the queries, so that rows 16 apart do not share
+        // their address's low 12 bits (at 64 queries, 256-byte rows did: the column passes' loads
+        // then waited on stores 16 rows back, a false dependency).
+        let lds = bqp + PAD;
+        transpose_padded::<S>(q.add(i0 * ldq), ldq, bq, hd, &mut qt[..hd * bqp], bqp);
         for j0 in (0..seq).step_by(bk) {
             let nk = bk.min(seq - j0);
-            let nkp = nk.next_multiple_of(PAD);
             let first = j0 == 0;
-            // Scores of this tile: scale * Q_i K_j^T (padding columns come out 0 and stay unused).
+            // S^T of this tile: scale * K_j Q_i^T (padding columns come out 0 and stay unused).
+            let stp = st.as_mut_ptr();
             tile::matmul::<S>(
-                bq,
-                nkp,
+                nk,
+                bqp,
                 hd,
                 Scale::All(scale),
-                q.add(i0 * ldq),
-                ldq,
+                k.add(j0 * ldk),
+                ldk,
                 1,
-                kt.as_ptr().add(j0),
-                sp,
-                sc.as_mut_ptr(),
-                nkp,
+                qt.as_ptr(),
+                bqp,
+                stp,
+                lds,
                 false,
             );
-            for r in 0..bq {
+            // The next head's rows of this query block, spread over the column passes.
+            let prefetch = |c: usize| {
                 if first {
-                    prefetch_row::<S, 4>(&next, &next_ld, i0 + r, hd);
+                    for r in c..(c + S::LANES).min(bq) {
+                        prefetch_row::<S, 4>(&next, &next_ld, i0 + r, hd);
+                    }
                 }
-                let row = &mut sc[r * nkp..(r + 1) * nkp];
-                let mx = super::reduce::max_serial::<S>(&row[..nk]);
-                let m_new = if first { mx } else { m[r].max(mx) };
-                let sum = exp_shift_sum::<S>(row, nk, m_new);
-                if first {
-                    l[r] = sum;
-                } else {
-                    let alpha = (m[r] - m_new).exp();
-                    l[r] = l[r] * alpha + sum;
-                    scale_row::<S>(&mut acc[r * hd..(r + 1) * hd], alpha);
+            };
+            softmax_columns::<S>(
+                stp,
+                nk,
+                bqp,
+                lds,
+                first,
+                m.as_mut_ptr(),
+                l.as_mut_ptr(),
+                alpha.as_mut_ptr(),
+                prefetch,
+            );
+            if !first {
+                for (r, &a) in alpha[..bq].iter().enumerate() {
+                    scale_row::<S>(&mut acc[r * hd..(r + 1) * hd], a);
                 }
-                m[r] = m_new;
             }
-            // V's rows are already contiguous over the head dimension.
+            // P V with P = (S^T)^T read through strides; V's rows are contiguous over the head
+            // dimension.
+            let pv = v.add(j0 * ldv);
             if one_tile {
                 // out = (P V) / l, written once: the normalisation rides in the product's store.
-                for (i, x) in inv[..bq].iter_mut().enumerate() {
-                    *x = 1.0 / l[i];
+                for c in (0..bqp).step_by(S::LANES) {
+                    S::store(inv.as_mut_ptr().add(c), S::div(S::splat(1.0), S::load(l.as_ptr().add(c))));
                 }
-                let (pv, o) = (v.add(j0 * ldv), out.add(i0 * ldo));
-                tile::matmul::<S>(bq, hd, nk, Scale::Rows(inv.as_ptr()), sc.as_ptr(), nkp, 1, pv, ldv, o, ldo, false);
+                let o = out.add(i0 * ldo);
+                tile::matmul::<S>(bq, hd, nk, Scale::Rows(inv.as_ptr()), stp, 1, lds, pv, ldv, o, ldo, false);
             } else {
                 // acc (=|+=) P V_j.
-                let (pv, a) = (v.add(j0 * ldv), acc.as_mut_ptr());
-                tile::matmul::<S>(bq, hd, nk, Scale::All(1.0), sc.as_ptr(), nkp, 1, pv, ldv, a, hd, !first);
+                tile::matmul::<S>(bq, hd, nk, Scale::All(1.0), stp, 1, lds, pv, ldv, acc.as_mut_ptr(), hd, !first);
             }
         }
         if !one_tile {
@@ -395,12 +482,11 @@ unsafe fn forward_head<S: Simd>(
             }
         }
         if let Some(lp) = lse {
-            // lse = m + ln l, a vector of rows at a time, into `l` (a libm `ln` call per row was 2%
-            // of the forward at 57 tokens). `m` and `l` hold a multiple of the lane count; their
-            // entries past `bq` are stale, computed on and never stored.
-            for r in (0..bq).step_by(S::LANES) {
-                let ln_l = math::ln_pos::<S>(S::load(l.as_ptr().add(r)));
-                S::store(l.as_mut_ptr().add(r), S::add(S::load(m.as_ptr().add(r)), ln_l));
+            // lse = m + ln l, a vector of queries at a time, into `l`; entries past `bq` are
+            // padding, computed on and never stored.
+            for c in (0..bqp).step_by(S::LANES) {
+                let ln_l = math::ln_pos::<S>(S::load(l.as_ptr().add(c)));
+                S::store(l.as_mut_ptr().add(c), S::add(S::load(m.as_ptr().add(c)), ln_l));
             }
             std::ptr::copy_nonoverlapping(l.as_ptr(), lp.add(i0), bq);
         }

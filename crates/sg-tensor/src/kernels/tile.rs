@@ -101,8 +101,13 @@ unsafe fn rows_block<S: Simd, const NV: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows {
+        // Blocks of MR rows; the last 7 to 10 rows as two blocks of 4 or 5 (57 rows: 8 x 6 + 5 +
+        // 4, not 9 x 6 + 3): a block of 3 rows or fewer keeps too few sums in flight to cover the
+        // FMA's latency and loads more per FMA.
+        let left = rows - r0;
+        let n = if left > 2 * MR - 2 || left <= MR { left.min(MR) } else { left.div_ceil(2) };
         let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.skip_rows(r0));
-        match rows - r0 {
+        match n {
             1 => micro::<S, 1, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
             2 => micro::<S, 2, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
             3 => micro::<S, 3, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
@@ -110,7 +115,7 @@ unsafe fn rows_block<S: Simd, const NV: usize>(
             5 => micro::<S, 5, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
             _ => micro::<S, MR, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
         }
-        r0 += MR;
+        r0 += n;
     }
 }
 
