@@ -642,13 +642,15 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
         [seq, hd * sp, hd * sp, seq * hd, seq * hd, seq * hd, seq * hd, BLOCK_Q * bk, BLOCK_Q * bk, bk * hd, bk * hd];
     let mut scratch = Scratch::take(sizes.iter().sum());
     let [dvec, kt, vt, qc, kc, doc, dqc, pm, dp, dk_blk, dv_blk] = scratch.carve(sizes);
-    // D_i = dout_i . o_i, the softmax backward's row term.
+    // dO as contiguous rows first, then D_i = dout_i . o_i (the softmax backward's row term) from
+    // that copy: the strided rows of dout are read once.
+    copy_rows(p.dout, lddo, doc.as_mut_ptr(), hd, seq, hd);
     for (i, d) in dvec.iter_mut().enumerate() {
-        let a = std::slice::from_raw_parts(p.dout.add(i * lddo), hd);
+        let a = std::slice::from_raw_parts(doc.as_ptr().add(i * hd), hd);
         let b = std::slice::from_raw_parts(p.o.add(i * ldo), hd);
         *d = dot_serial::<S>(a, b);
     }
-    // Q, K and dO as contiguous rows, and K^T and V^T of this head, once, for the two products over
+    // Q and K as contiguous rows too, and K^T and V^T of this head, once, for the two products over
     // the head dimension (K^T from K's copy: the strided rows are read once). dQ accumulates over
     // key tiles in `dqc` and is written out once. With a single tile (short sequences) a gradient
     // is final after one product, which then writes it in place.
@@ -657,7 +659,6 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     let one_query_block = seq <= BLOCK_Q;
     copy_rows(p.q, ldq, qc.as_mut_ptr(), hd, seq, hd);
     copy_rows(p.k, ldk, kc.as_mut_ptr(), hd, seq, hd);
-    copy_rows(p.dout, lddo, doc.as_mut_ptr(), hd, seq, hd);
     transpose_padded::<S>(kc.as_ptr(), hd, seq, hd, kt, sp);
     transpose_padded::<S>(p.v, ldv, seq, hd, vt, sp);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
