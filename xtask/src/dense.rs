@@ -297,7 +297,8 @@ pub fn predict_region(
             chunk.iter().map(|&(y, x)| s.sample.crop(r.rows.start + y, x, size, size)).collect::<Result<Vec<_>>>()?;
         let t = tokens(task, model, &samples)?;
         let mut e = Eval::new(Cpu, store);
-        let z = logits(&mut e, task, model, &t, samples.len())?;
+        // On a pool thread (see `par::install`); the windows were cropped above, no loader waits.
+        let z = sg_tensor::par::install(|| logits(&mut e, task, model, &t, samples.len()))?;
         let z = e.read(&z);
         for (k, &(y0, x0)) in chunk.iter().enumerate() {
             for yy in 0..size {

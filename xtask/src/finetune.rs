@@ -212,7 +212,8 @@ fn predict(task: Task, model: &Vit, store: &ParamStore, split: &Split) -> Result
         }
         let mut e = Eval::new(Cpu, store);
         let t = e.constant(&tokens, &[chunk.len(), model.cfg.tokens(), model.cfg.token_dim()])?;
-        let logits = model.logits(&mut e, &t)?;
+        // On a pool thread, as deployment runs it (see `par::install`); no loader is involved.
+        let logits = sg_tensor::par::install(|| model.logits(&mut e, &t))?;
         out.extend(e.read(&logits).into_iter().map(|v| v as f32));
     }
     Ok(out)

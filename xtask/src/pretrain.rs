@@ -320,7 +320,8 @@ pub fn write_recon(
     let m = Masking::random(k, l, model.cfg.mask_ratio, seed)?;
     let mut e = sg_tensor::Eval::new(Cpu, store);
     let t = e.constant(&tokens, &[k, l, td])?;
-    let fwd = model.forward(&mut e, &t, &m)?;
+    // On a pool thread (see `par::install`); the closure waits on nothing that needs the pool.
+    let fwd = sg_tensor::par::install(|| model.forward(&mut e, &t, &m))?;
     let pred: Vec<f32> = e.read(&fwd.pred).into_iter().map(|v| v as f32).collect();
     let views = [
         model.images(&tokens, k)?,
