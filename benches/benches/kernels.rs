@@ -4,7 +4,7 @@
 //!
 //!     cargo xtask bench kernels [FILTER]
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Bencher, BenchmarkId, Criterion, Throughput};
 use sg_tensor::kernels::attention::{self, AttnShape, QkvGrad, Rows, RowsMut};
 use sg_tensor::kernels::gemm::{gemm, Trans};
 use sg_tensor::kernels::{gelu, layernorm, softmax};
@@ -25,6 +25,13 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
 
 fn pool(n: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
+}
+
+/// Times `f` with criterion's whole loop on one of `p`'s threads, as the model calls its kernels
+/// (`par::install`). Called from outside the pool, each call would also pay for waking a worker and
+/// for the caller's sleep on a latch until the work is done.
+fn in_pool<R: Send>(b: &mut Bencher, p: &rayon::ThreadPool, mut f: impl FnMut() -> R + Send) {
+    p.install(|| b.iter(&mut f))
 }
 
 fn threads() -> Vec<usize> {
@@ -147,30 +154,26 @@ fn bench_attention(c: &mut Criterion) {
             );
             g.throughput(Throughput::Elements(s.forward_flops() as u64));
             g.bench_function(format!("fwd/t{t}/b8h{heads}s{seq}d{hd}"), |b| {
-                b.iter(|| {
-                    p.install(|| {
-                        attention::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, Some(&mut lse)).unwrap()
-                    })
+                in_pool(b, &p, || {
+                    attention::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, Some(&mut lse)).unwrap()
                 })
             });
             // Backward: five tile products (scores recomputed, dV, dP, dQ, dK) = 2.5x the forward.
             g.throughput(Throughput::Elements((2.5 * s.forward_flops()) as u64));
             g.bench_function(format!("bwd/t{t}/b8h{heads}s{seq}d{hd}"), |b| {
-                b.iter(|| {
-                    p.install(|| {
-                        attention::backward(
-                            s,
-                            q,
-                            k,
-                            v,
-                            Rows { data: &o, ld: w },
-                            Rows { data: &dout, ld: w },
-                            &lse,
-                            scale,
-                            QkvGrad::Packed(&mut dqkv),
-                        )
-                        .unwrap()
-                    })
+                in_pool(b, &p, || {
+                    attention::backward(
+                        s,
+                        q,
+                        k,
+                        v,
+                        Rows { data: &o, ld: w },
+                        Rows { data: &dout, ld: w },
+                        &lse,
+                        scale,
+                        QkvGrad::Packed(&mut dqkv),
+                    )
+                    .unwrap()
                 })
             });
         }
