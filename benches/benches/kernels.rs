@@ -27,7 +27,7 @@ fn pool(n: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap()
 }
 
-/// Times `f` with criterion's whole loop on one of `p`'s threads, as the model calls its kernels
+/// Times `f` with criterion's whole loop on one of `p`'s threads, as inference calls its kernels
 /// (`par::install`). Called from outside the pool, each call would also pay for waking a worker and
 /// for the caller's sleep on a latch until the work is done.
 fn in_pool<R: Send>(b: &mut Bencher, p: &rayon::ThreadPool, mut f: impl FnMut() -> R + Send) {
@@ -61,19 +61,13 @@ fn bench_gemm(c: &mut Criterion) {
                 let p = pool(t);
                 let id = |pass: &str| BenchmarkId::new(format!("{pass}/{name}/t{t}"), format!("m{m}k{k}n{n}"));
                 g.bench_function(id("fwd_NT"), |b| {
-                    b.iter(|| {
-                        p.install(|| gemm(Trans::N, Trans::T, m, n, k, 1.0, &x, k, &w, k, 0.0, &mut y, n).unwrap())
-                    })
+                    in_pool(b, &p, || gemm(Trans::N, Trans::T, m, n, k, 1.0, &x, k, &w, k, 0.0, &mut y, n).unwrap())
                 });
                 g.bench_function(id("dx_NN"), |b| {
-                    b.iter(|| {
-                        p.install(|| gemm(Trans::N, Trans::N, m, k, n, 1.0, &dy, n, &w, k, 0.0, &mut dx, k).unwrap())
-                    })
+                    in_pool(b, &p, || gemm(Trans::N, Trans::N, m, k, n, 1.0, &dy, n, &w, k, 0.0, &mut dx, k).unwrap())
                 });
                 g.bench_function(id("dw_TN"), |b| {
-                    b.iter(|| {
-                        p.install(|| gemm(Trans::T, Trans::N, n, k, m, 1.0, &dy, n, &x, k, 1.0, &mut dw, k).unwrap())
-                    })
+                    in_pool(b, &p, || gemm(Trans::T, Trans::N, n, k, m, 1.0, &dy, n, &x, k, 1.0, &mut dw, k).unwrap())
                 });
             }
         }
@@ -92,9 +86,9 @@ fn bench_rows(c: &mut Criterion) {
     let mut y = vec![0.0; n];
     // GELU costs far more than one flop per element; count elements, the figure reads as elem/s.
     g.throughput(Throughput::Elements(n as u64));
-    g.bench_function(format!("gelu_fwd/t{t}/n{n}"), |b| b.iter(|| p.install(|| gelu::forward(&x, &mut y).unwrap())));
+    g.bench_function(format!("gelu_fwd/t{t}/n{n}"), |b| in_pool(b, &p, || gelu::forward(&x, &mut y).unwrap()));
     g.bench_function(format!("gelu_bwd/t{t}/n{n}"), |b| {
-        b.iter(|| p.install(|| gelu::backward(&x, &dy, &mut y, Dst::Overwrite).unwrap()))
+        in_pool(b, &p, || gelu::backward(&x, &dy, &mut y, Dst::Overwrite).unwrap())
     });
     for rows in [8 * 57, 8 * 576] {
         let d = 768;
@@ -105,18 +99,13 @@ fn bench_rows(c: &mut Criterion) {
         let (mut dg, mut db) = (vec![0.0; d], vec![0.0; d]);
         g.throughput(Throughput::Elements((rows * d) as u64));
         g.bench_function(format!("layernorm_fwd/t{t}/{rows}x{d}"), |b| {
-            b.iter(|| {
-                p.install(|| {
-                    layernorm::forward(&x, &gamma, &beta, rows, 1e-6, &mut y, Some((&mut mean, &mut rstd))).unwrap()
-                })
+            in_pool(b, &p, || {
+                layernorm::forward(&x, &gamma, &beta, rows, 1e-6, &mut y, Some((&mut mean, &mut rstd))).unwrap()
             })
         });
         g.bench_function(format!("layernorm_bwd/t{t}/{rows}x{d}"), |b| {
-            b.iter(|| {
-                p.install(|| {
-                    layernorm::backward(&x, &gamma, &mean, &rstd, &dy, &mut dx, Dst::Overwrite, &mut dg, &mut db)
-                        .unwrap()
-                })
+            in_pool(b, &p, || {
+                layernorm::backward(&x, &gamma, &mean, &rstd, &dy, &mut dx, Dst::Overwrite, &mut dg, &mut db).unwrap()
             })
         });
     }
@@ -125,7 +114,7 @@ fn bench_rows(c: &mut Criterion) {
         let mut s = data(rows * seq, 10);
         g.throughput(Throughput::Elements((rows * seq) as u64));
         g.bench_function(format!("softmax/t{t}/{rows}x{seq}"), |b| {
-            b.iter(|| p.install(|| softmax::forward_inplace(&mut s, rows, seq).unwrap()))
+            in_pool(b, &p, || softmax::forward_inplace(&mut s, rows, seq).unwrap())
         });
     }
     g.finish();
