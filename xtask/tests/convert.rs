@@ -8,7 +8,8 @@ fn fixtures() -> std::path::PathBuf {
 
 #[test]
 fn pth_checkpoint_converts_to_the_fixture_parameters() {
-    let out = std::env::temp_dir().join(format!("sg-convert-{}.safetensors", std::process::id()));
+    let tmp = tempfile::Builder::new().prefix("sg-convert-").tempdir().unwrap();
+    let out = tmp.path().join("model.safetensors");
     let c = xtask::convert::run(fixtures().join("mae3d_tiny_checkpoint.pth"), &out).unwrap();
     let reference = SafetensorsFile::open(fixtures().join("mae3d_tiny.safetensors")).unwrap();
     let converted = SafetensorsFile::open(&out).unwrap();
@@ -43,8 +44,8 @@ fn checkpoint_keeps_its_non_tensor_entries_readable() {
 #[test]
 fn corrupt_checkpoints_are_errors_not_panics() {
     let bytes = std::fs::read(fixtures().join("mae3d_tiny_checkpoint.pth")).unwrap();
-    let dir = std::env::temp_dir().join(format!("sg-pth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new().prefix("sg-pth-").tempdir().unwrap();
+    let dir = tmp.path();
     for (i, cut) in [10, bytes.len() / 3, bytes.len() - 30].into_iter().enumerate() {
         let p = dir.join(format!("cut{i}.pth"));
         std::fs::write(&p, &bytes[..cut]).unwrap();

@@ -5,10 +5,12 @@ use std::path::{Path, PathBuf};
 
 use xtask::finetune::{eval, finetune};
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sg-dense-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A path for a run's output, not yet created, inside a temporary directory that is removed when
+/// the guard drops (also when the test fails).
+fn tmp(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::Builder::new().prefix(&format!("sg-dense-{tag}-")).tempdir().unwrap();
+    let p = d.path().join("out");
+    (d, p)
 }
 
 fn args(v: &[&str]) -> Vec<String> {
@@ -33,7 +35,7 @@ fn pngs(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn segmentation_finetunes_evaluates_and_writes_maps() {
-    let out = tmp("seg");
+    let (_out_dir, out) = tmp("seg");
     let o = out.to_str().unwrap();
     let m = finetune(&args(&[
         "--task",
@@ -71,7 +73,7 @@ fn segmentation_finetunes_evaluates_and_writes_maps() {
 
 #[test]
 fn change_detection_with_batch_norm_finetunes_and_evaluates() {
-    let out = tmp("change");
+    let (_out_dir, out) = tmp("change");
     let o = out.to_str().unwrap();
     let m = finetune(&args(&[
         "--task",
@@ -147,7 +149,7 @@ impl tiff::encoder::colortype::ColorType for Bands13 {
 fn image_and_mask_folders_segment_with_many_classes() {
     // Three 13-band scenes cut from the real Sen1Floods11 chip, with 13-class masks made from its
     // water label (water 7, dry 3, no data 255), in the img/ + label/ layout.
-    let dir = tmp("pairs");
+    let (_pairs_dir, dir) = tmp("pairs");
     for sub in ["img", "label"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
@@ -180,7 +182,7 @@ fn image_and_mask_folders_segment_with_many_classes() {
             tiff::encoder::TiffEncoder::new(std::fs::File::create(dir.join("label").join(&name)).unwrap()).unwrap();
         enc.write_image::<tiff::encoder::colortype::Gray8>(s as u32, s as u32, &mask).unwrap();
     }
-    let out = tmp("pairs-out");
+    let (_out_dir, out) = tmp("pairs-out");
     let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
     let m = finetune(&args(&[
         "--task",

@@ -1,8 +1,10 @@
 //! Fine-tuning and evaluation of the classification tasks on the bundled samples.
-fn tmp(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sg-ft-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A path for a run's output, not yet created, inside a temporary directory that is removed when
+/// the guard drops (also when the test fails).
+fn tmp(tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::Builder::new().prefix(&format!("sg-ft-{tag}-")).tempdir().unwrap();
+    let p = d.path().join("out");
+    (d, p)
 }
 
 fn args(v: &[&str]) -> Vec<String> {
@@ -17,7 +19,7 @@ fn history_losses(out: &std::path::Path) -> Vec<f64> {
 
 #[test]
 fn eurosat_finetunes_and_evaluates() {
-    let out = tmp("eurosat");
+    let (_out_dir, out) = tmp("eurosat");
     let o = out.display().to_string();
     let m = xtask::finetune::finetune(&args(&[
         "--task", "eurosat", "--epochs", "12", "--batch", "5", "--blr", "0.2", "--out", &o,
@@ -56,7 +58,7 @@ fn eurosat_finetunes_and_evaluates() {
 
 #[test]
 fn bigearthnet_multilabel_finetunes_from_a_pretraining_checkpoint() {
-    let pre = tmp("pre");
+    let (_pre_dir, pre) = tmp("pre");
     xtask::pretrain::run(
         &xtask::pretrain::Options::parse(&args(&[
             "--steps",
@@ -70,7 +72,7 @@ fn bigearthnet_multilabel_finetunes_from_a_pretraining_checkpoint() {
         .unwrap(),
     )
     .unwrap();
-    let out = tmp("ben");
+    let (_out_dir, out) = tmp("ben");
     let m = xtask::finetune::finetune(&args(&[
         "--task",
         "bigearthnet",

@@ -20,8 +20,8 @@ fn every_fixture_reproduces_the_pytorch_reference() {
 
 #[test]
 fn broken_fixtures_are_clear_errors() {
-    let dir = std::env::temp_dir().join(format!("sg-parity-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new().prefix("sg-parity-").tempdir().unwrap();
+    let dir = tmp.path();
     let p = dir.join("empty.safetensors");
     sg_tensor::io::save(&p, &[], &Default::default()).unwrap();
     let e = xtask::parity::run(&p).unwrap_err().to_string();

@@ -11,10 +11,12 @@ fn opts(out: &std::path::Path, extra: &[&str]) -> Options {
     Options::parse(&args).unwrap()
 }
 
-fn tmp(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sg-pretrain-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+/// A path for a run's output, not yet created, inside a temporary directory that is removed when
+/// the guard drops (also when the test fails).
+fn tmp(tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::Builder::new().prefix(&format!("sg-pretrain-{tag}-")).tempdir().unwrap();
+    let p = d.path().join("out");
+    (d, p)
 }
 
 fn tensors(dir: &std::path::Path, file: &str) -> Vec<(String, Vec<u32>)> {
@@ -24,7 +26,7 @@ fn tensors(dir: &std::path::Path, file: &str) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn loss_falls_on_real_data() {
-    let out = tmp("falls");
+    let (_out_dir, out) = tmp("falls");
     let s = run(&opts(&out, &["--steps", "40"])).unwrap();
     assert_eq!(s.steps, 40);
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
@@ -54,7 +56,7 @@ fn loss_falls_on_real_data() {
 
 #[test]
 fn interrupted_run_resumes_bit_identically() {
-    let (a, b) = (tmp("straight"), tmp("resumed"));
+    let ((_a_dir, a), (_b_dir, b)) = (tmp("straight"), tmp("resumed"));
     run(&opts(&a, &["--steps", "6"])).unwrap();
     run(&opts(&b, &["--steps", "6", "--stop-at", "3"])).unwrap();
     assert_ne!(tensors(&a, "checkpoint.safetensors"), tensors(&b, "checkpoint.safetensors"), "stopped early");
@@ -65,7 +67,7 @@ fn interrupted_run_resumes_bit_identically() {
 
 #[test]
 fn divergence_stops_and_keeps_the_last_good_checkpoint() {
-    let out = tmp("nan");
+    let (_out_dir, out) = tmp("nan");
     let e = run(&opts(&out, &["--steps", "30", "--blr", "1e15", "--save-every", "1", "--warmup", "0"]))
         .unwrap_err()
         .to_string();
@@ -79,7 +81,7 @@ fn divergence_stops_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn json_model_configs() {
-    let out = tmp("json");
+    let (_out_dir, out) = tmp("json");
     std::fs::create_dir_all(&out).unwrap();
     let cfg = out.join("small.json");
     std::fs::write(&cfg, r#"{"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}"#).unwrap();
@@ -102,7 +104,7 @@ fn bad_options_are_errors() {
 
 #[test]
 fn reconstruct_any_readable_image_from_a_checkpoint() {
-    let out = tmp("recon");
+    let (_out_dir, out) = tmp("recon");
     run(&opts(&out, &["--steps", "2"])).unwrap();
     let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
     let png = out.join("r.png");
@@ -142,7 +144,7 @@ fn progressive_stages_move_the_position_embeddings() {
         ]);
         v
     };
-    let (a, b, c) = (tmp("stage-interp"), tmp("stage-reinit"), tmp("stage-resumed"));
+    let ((_a_dir, a), (_b_dir, b), (_c_dir, c)) = (tmp("stage-interp"), tmp("stage-reinit"), tmp("stage-resumed"));
     let with_out = |mut v: Vec<String>, out: &std::path::Path, extra: &[&str]| {
         v.extend(["--out".into(), out.display().to_string()]);
         v.extend(extra.iter().map(|s| s.to_string()));

@@ -118,7 +118,8 @@ fn sgd_momentum_as_pytorch() {
 
 #[test]
 fn adamw_state_round_trips_exactly() {
-    let dir = std::env::temp_dir().join(format!("sg-optim-{}", std::process::id()));
+    let tmp = tempfile::Builder::new().prefix("sg-optim-").tempdir().unwrap();
+    let dir = tmp.path();
     let mut a = store();
     let mut oa = AdamW::new(&a, weight_decay_groups(&a, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
     for i in 0..3 {
@@ -175,7 +176,8 @@ fn smoothed_and_mixed_targets() {
 fn checkpoint_directory_round_trip_and_torn_saves() {
     use sg_autograd::checkpoint;
     use std::collections::HashMap;
-    let dir = std::env::temp_dir().join(format!("sg-ckpt-{}", std::process::id()));
+    let tmp = tempfile::Builder::new().prefix("sg-ckpt-").tempdir().unwrap();
+    let dir = tmp.path().join("ck");
     let mut s = store();
     let mut o = AdamW::new(&s, weight_decay_groups(&s, 0.05, &[]), 0.9, 0.95, 1e-8).unwrap();
     let g = vec![0.3; s.len()];

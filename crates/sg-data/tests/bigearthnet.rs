@@ -84,7 +84,8 @@ fn patches_load_in_model_order_on_the_10m_grid() {
 
 #[test]
 fn missing_bands_and_bad_splits_are_named() {
-    let dir = std::env::temp_dir().join(format!("sg-ben-{}", std::process::id()));
+    let tmp = tempfile::Builder::new().prefix("sg-ben-").tempdir().unwrap();
+    let dir = tmp.path();
     let src = root().join("S2A_MSIL2A_20170613T101031_87_48");
     let dst = dir.join("S2A_MSIL2A_20170613T101031_87_48");
     std::fs::create_dir_all(&dst).unwrap();
@@ -94,10 +95,10 @@ fn missing_bands_and_bad_splits_are_named() {
             std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
         }
     }
-    let ds = BigEarthNet::scan(&dir).unwrap();
+    let ds = BigEarthNet::scan(dir).unwrap();
     let e = ds.load(0).unwrap_err().to_string();
     assert!(e.contains("B8A") && e.contains("missing"), "{e}");
     std::fs::write(dir.join("split.csv"), "nope_patch\n").unwrap();
-    let e = BigEarthNet::from_csv(&dir, dir.join("split.csv")).unwrap_err().to_string();
+    let e = BigEarthNet::from_csv(dir, dir.join("split.csv")).unwrap_err().to_string();
     assert!(e.contains("split.csv:1") && e.contains("nope_patch"), "{e}");
 }

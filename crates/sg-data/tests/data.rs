@@ -78,8 +78,8 @@ fn planar_tiled_int16_chip_reads_every_band() {
 
 #[test]
 fn split_files_and_bad_inputs() {
-    let dir = std::env::temp_dir().join(format!("sg-data-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::Builder::new().prefix("sg-data-").tempdir().unwrap();
+    let dir = tmp.path();
     let root = fixtures().join("eurosat-ms");
     let split = dir.join("split.txt");
     std::fs::write(&split, "tif/Forest/Forest_1031.tif 1\ntif/SeaLake/SeaLake_1005.tif 9\n\n").unwrap();

@@ -51,12 +51,8 @@ fn oscd_city_pair_on_the_10m_grid() {
         v.iter().sum::<f64>() / v.len() as f64
     };
     assert!(mean(1.0) > mean(0.0), "change {} vs no change {}", mean(1.0), mean(0.0));
-    let e = Oscd::from_list(&root, {
-        let f = std::env::temp_dir().join(format!("sg-oscd-{}.txt", std::process::id()));
-        std::fs::write(&f, "bercy,atlantis").unwrap();
-        f
-    })
-    .unwrap_err()
-    .to_string();
+    let list = tempfile::Builder::new().prefix("sg-oscd-").suffix(".txt").tempfile().unwrap();
+    std::fs::write(list.path(), "bercy,atlantis").unwrap();
+    let e = Oscd::from_list(&root, list.path()).unwrap_err().to_string();
     assert!(e.contains("atlantis"), "{e}");
 }

@@ -8,10 +8,9 @@ fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/parity").join(name)
 }
 
-fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("sg-io-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A new empty directory, removed when dropped (also when the test fails).
+fn tmpdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("sg-io-{tag}-")).tempdir().unwrap()
 }
 
 #[test]
@@ -34,7 +33,8 @@ fn reads_the_parity_fixture() {
 
 #[test]
 fn params_round_trip_and_report_mismatches() {
-    let d = tmpdir("rt");
+    let tmp = tmpdir("rt");
+    let d = tmp.path();
     let mut s = ParamStore::new();
     s.add("a.weight", &[2, 3], (0..6).map(|v| v as f32).collect()).unwrap();
     s.add("a.bias", &[2], vec![7.0, 8.0]).unwrap();
@@ -62,7 +62,8 @@ fn params_round_trip_and_report_mismatches() {
 
 #[test]
 fn corrupt_and_missing_files_are_errors() {
-    let d = tmpdir("bad");
+    let tmp = tmpdir("bad");
+    let d = tmp.path();
     let p = d.join("junk.safetensors");
     std::fs::write(&p, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
     let e = SafetensorsFile::open(&p).err().unwrap().to_string();
@@ -76,11 +77,12 @@ fn corrupt_and_missing_files_are_errors() {
 
 #[test]
 fn atomic_write_replaces_whole_files_and_leaves_no_temporaries() {
-    let d = tmpdir("atomic");
+    let tmp = tmpdir("atomic");
+    let d = tmp.path();
     let p = d.join("ck.bin");
     write_atomic(&p, b"first").unwrap();
     write_atomic(&p, b"second").unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), b"second");
-    let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), 1, "{names:?}");
 }
