@@ -198,25 +198,36 @@ fn head_offset(s: &AttnShape, t: usize, ld: usize) -> usize {
     (t / s.heads) * s.seq * ld + (t % s.heads) * s.head_dim
 }
 
-/// Prefetches row `r` of each of the next task's operands (row strides `ld`), `hd` values each. A
-/// head's rows, a few hundred bytes in each of many rows kilobytes apart, otherwise come from L3 as
-/// the head starts (the forward at 57 tokens ran 10-30% faster on L2-resident data).
-#[inline(always)]
-unsafe fn prefetch_row<S: Simd, const N: usize>(next: &Option<[*const f32; N]>, ld: &[usize; N], r: usize, hd: usize) {
-    if let Some(ptrs) = next {
-        for (p, &ld) in ptrs.iter().zip(ld) {
-            // One touch per 64-byte line.
-            for d in (0..hd).step_by(16) {
-                S::prefetch(p.wrapping_add(r * ld + d));
-            }
+/// Micro-kernel calls of the forward's products for one head: the pace of its prefetches.
+fn forward_calls(seq: usize, hd: usize, bk: usize) -> usize {
+    let mut calls = 0;
+    for i0 in (0..seq).step_by(BLOCK_Q) {
+        let bq = BLOCK_Q.min(seq - i0);
+        for j0 in (0..seq).step_by(bk) {
+            let nk = bk.min(seq - j0);
+            calls += tile::calls(nk, bq.next_multiple_of(PAD)) + tile::calls(bq, hd);
         }
     }
+    calls
+}
+
+/// Micro-kernel calls of the backward's five products for one head.
+fn backward_calls(seq: usize, hd: usize, bk: usize) -> usize {
+    let mut calls = 0;
+    for j0 in (0..seq).step_by(bk) {
+        let nk = bk.min(seq - j0);
+        for i0 in (0..seq).step_by(BLOCK_Q) {
+            let bq = BLOCK_Q.min(seq - i0);
+            calls += 2 * tile::calls(bq, nk.next_multiple_of(PAD)) + tile::calls(bq, hd) + 2 * tile::calls(nk, hd);
+        }
+    }
+    calls
 }
 
 /// Score rows are padded to this many columns, so the tile kernel never falls back to scalar columns.
 const PAD: usize = 8;
 
-/// Up to this many tokens a head prefetches the next head's rows ([`prefetch_row`]): measured faster
+/// Up to this many tokens a head prefetches the next head's rows ([`tile::Ahead`]): measured faster
 /// at 57, 102 and 256 tokens (the forward at 256 by 7%), no better at 576, where a head's own
 /// copies fill L2.
 const PREFETCH_SEQ: usize = 256;
@@ -315,10 +326,8 @@ unsafe fn softmax_columns<S: Simd>(
     m: *mut f32,
     l: *mut f32,
     alpha: *mut f32,
-    mut prefetch: impl FnMut(usize),
 ) {
     for c in (0..cols).step_by(S::LANES) {
-        prefetch(c);
         let col = st.add(c);
         // Two chains each for the maximum and the sum, so neither paces the loop on its latency.
         let mut mx = [S::splat(f32::NEG_INFINITY); 2];
@@ -413,6 +422,8 @@ unsafe fn forward_head<S: Simd>(
         copy_rows(k, ldk, kc.as_mut_ptr(), hd, seq, hd);
         (kc.as_ptr(), hd)
     };
+    // The next head's rows, a few with each micro-kernel call of this one.
+    let mut ahead = next.map(|ptrs| tile::Ahead::new(ptrs, next_ld, seq, hd, forward_calls(seq, hd, bk)));
     for i0 in (0..seq).step_by(BLOCK_Q) {
         let bq = BLOCK_Q.min(seq - i0);
         let bqp = bq.next_multiple_of(PAD);
@@ -426,7 +437,7 @@ unsafe fn forward_head<S: Simd>(
             let first = j0 == 0;
             // S^T of this tile: scale * K_j Q_i^T (padding columns come out 0 and stay unused).
             let stp = st.as_mut_ptr();
-            tile::matmul::<S>(
+            tile::matmul::<S, _>(
                 nk,
                 bqp,
                 hd,
@@ -439,26 +450,9 @@ unsafe fn forward_head<S: Simd>(
                 stp,
                 lds,
                 false,
+                &mut ahead,
             );
-            // The next head's rows of this query block, spread over the column passes.
-            let prefetch = |c: usize| {
-                if first {
-                    for r in c..(c + S::LANES).min(bq) {
-                        prefetch_row::<S, 4>(&next, &next_ld, i0 + r, hd);
-                    }
-                }
-            };
-            softmax_columns::<S>(
-                stp,
-                nk,
-                bqp,
-                lds,
-                first,
-                m.as_mut_ptr(),
-                l.as_mut_ptr(),
-                alpha.as_mut_ptr(),
-                prefetch,
-            );
+            softmax_columns::<S>(stp, nk, bqp, lds, first, m.as_mut_ptr(), l.as_mut_ptr(), alpha.as_mut_ptr());
             if !first {
                 for (r, &a) in alpha[..bq].iter().enumerate() {
                     scale_row::<S>(&mut acc[r * hd..(r + 1) * hd], a);
@@ -473,10 +467,38 @@ unsafe fn forward_head<S: Simd>(
                     S::store(inv.as_mut_ptr().add(c), S::div(S::splat(1.0), S::load(l.as_ptr().add(c))));
                 }
                 let o = out.add(i0 * ldo);
-                tile::matmul::<S>(bq, hd, nk, Scale::Rows(inv.as_ptr()), stp, 1, lds, pv, ldv, o, ldo, false);
+                tile::matmul::<S, _>(
+                    bq,
+                    hd,
+                    nk,
+                    Scale::Rows(inv.as_ptr()),
+                    stp,
+                    1,
+                    lds,
+                    pv,
+                    ldv,
+                    o,
+                    ldo,
+                    false,
+                    &mut ahead,
+                );
             } else {
                 // acc (=|+=) P V_j.
-                tile::matmul::<S>(bq, hd, nk, Scale::All(1.0), stp, 1, lds, pv, ldv, acc.as_mut_ptr(), hd, !first);
+                tile::matmul::<S, _>(
+                    bq,
+                    hd,
+                    nk,
+                    Scale::All(1.0),
+                    stp,
+                    1,
+                    lds,
+                    pv,
+                    ldv,
+                    acc.as_mut_ptr(),
+                    hd,
+                    !first,
+                    &mut ahead,
+                );
             }
         }
         if !one_tile {
@@ -665,6 +687,8 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     transpose_padded::<S>(kc.as_ptr(), hd, seq, hd, kt, sp);
     transpose_padded::<S>(p.v, ldv, seq, hd, vt, sp);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
+    // The next head's rows, a few with each micro-kernel call of this one.
+    let mut ahead = next.map(|ptrs| tile::Ahead::new(ptrs, p.ld, seq, hd, backward_calls(seq, hd, bk)));
     for j0 in (0..seq).step_by(bk) {
         let nk = bk.min(seq - j0);
         let nkp = nk.next_multiple_of(PAD);
@@ -678,7 +702,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
             let first = i0 == 0;
             let (qi, doi) = (pq.add(i0 * ldq), pdo.add(i0 * lddo));
             // P = exp(scale * Q_i K_j^T - lse_i).
-            tile::matmul::<S>(
+            tile::matmul::<S, _>(
                 bq,
                 nkp,
                 hd,
@@ -691,17 +715,29 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 pm.as_mut_ptr(),
                 nkp,
                 false,
+                &mut ahead,
             );
             for r in 0..bq {
-                if j0 == 0 {
-                    prefetch_row::<S, 8>(&next, &p.ld, i0 + r, hd);
-                }
                 exp_shift_sum::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r]);
             }
             // dV_j (=|+=) P^T dO_i.
-            tile::matmul::<S>(nk, hd, bq, Scale::All(1.0), pm.as_ptr(), 1, nkp, doi, lddo, dvp, lddvp, !first);
+            tile::matmul::<S, _>(
+                nk,
+                hd,
+                bq,
+                Scale::All(1.0),
+                pm.as_ptr(),
+                1,
+                nkp,
+                doi,
+                lddo,
+                dvp,
+                lddvp,
+                !first,
+                &mut ahead,
+            );
             // dP = dO_i V_j^T; dS = P * (dP - D_i).
-            tile::matmul::<S>(
+            tile::matmul::<S, _>(
                 bq,
                 nkp,
                 hd,
@@ -714,6 +750,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 dp.as_mut_ptr(),
                 nkp,
                 false,
+                &mut ahead,
             );
             // Whole padded rows, so no scalar tail: P's padding is 0, which zeroes dS's.
             for r in 0..bq {
@@ -721,7 +758,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 ds_inplace::<S>(&pm[row.clone()], &mut dp[row], dvec[i0 + r]);
             }
             // dQ_i += scale * dS K_j (the first key tile overwrites);  dK_j (=|+=) scale * dS^T Q_i.
-            tile::matmul::<S>(
+            tile::matmul::<S, _>(
                 bq,
                 hd,
                 nk,
@@ -734,8 +771,23 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 dqp.add(i0 * lddqp),
                 lddqp,
                 j0 > 0,
+                &mut ahead,
             );
-            tile::matmul::<S>(nk, hd, bq, Scale::All(scale), dp.as_ptr(), 1, nkp, qi, ldq, dkp, lddkp, !first);
+            tile::matmul::<S, _>(
+                nk,
+                hd,
+                bq,
+                Scale::All(scale),
+                dp.as_ptr(),
+                1,
+                nkp,
+                qi,
+                ldq,
+                dkp,
+                lddkp,
+                !first,
+                &mut ahead,
+            );
         }
         if !one_query_block {
             copy_rows(dk_blk.as_ptr(), hd, p.dk.add(j0 * lddk), lddk, nk, hd);
