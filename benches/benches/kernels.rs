@@ -170,5 +170,23 @@ fn bench_attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_rows, bench_attention);
+/// The machine's FMA peak at the moment (`simd::fma_probe`: register-only FMA chains). This
+/// machine's peak is not a constant (a shared host: on one core, stretches of milliseconds to
+/// seconds at 2/3 of the usual 103 GFLOP/s were seen), so kernel rates are best read against this
+/// figure from the same run, or with `cargo xtask bench attention`, which alternates the two.
+fn bench_peak(c: &mut Criterion) {
+    let mut g = c.benchmark_group("peak");
+    g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    // About a millisecond per call, so that waking the second thread is noise.
+    let n = 100_000;
+    let flops = sg_tensor::simd::fma_probe(1).0 * n as f64;
+    for t in threads() {
+        let p = pool(t);
+        g.throughput(Throughput::Elements((t as f64 * flops) as u64));
+        g.bench_function(format!("fma/t{t}"), |b| b.iter(|| p.broadcast(|_| sg_tensor::simd::fma_probe(n).1)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_peak, bench_gemm, bench_rows, bench_attention);
 criterion_main!(benches);

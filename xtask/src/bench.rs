@@ -30,6 +30,9 @@ pub fn peak_rss_mib() -> f64 {
 }
 
 pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
+    if task == "attention" {
+        return attention(args);
+    }
     let err = |m: String| TensorError::Arg { op: "bench", msg: format!("{m}\n{USAGE}") };
     let (mut size, mut img, mut bands, mut batch, mut steps, mut threads) =
         ("base".to_string(), 96usize, 12usize, 8usize, 5usize, None);
@@ -193,5 +196,106 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
         "threads": sg_tensor::par::threads(), "step_s": (med * 1e4).round() / 1e4,
         "samples_per_s": (batch as f64 / med * 1e3).round() / 1e3,
         "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
+    }))
+}
+
+pub const ATTENTION_USAGE: &str =
+    "cargo xtask bench attention [--seq 57] [--heads 12] [--head-dim 64] [--batch 8] [--threads N] [--calls 400]";
+
+/// Steps of each FMA chain per probe: about 0.2 ms per thread at 100 GFLOP/s, short beside an
+/// attention call (1.4 ms for the forward of 57 tokens on one thread), long beside timer noise.
+const PROBE_STEPS: usize = 100_000;
+
+/// `cargo xtask bench attention`: the attention kernels' rates read against the FMA peak measured
+/// just before and just after each call (`simd::fma_probe` on every thread). On a shared host the
+/// peak itself moves (stretches at 2/3 of it were seen on this machine), so the median of these
+/// per-call fractions says how close the kernel runs to what the cores can do, where a rate alone
+/// says as much about the neighbours. FLOPs are counted as the criterion benchmarks count them:
+/// `4 batch heads seq^2 head_dim` forward and 2.5 times that backward.
+fn attention(args: &[String]) -> Result<serde_json::Value> {
+    use sg_tensor::kernels::attention::{self as attn, AttnShape, QkvGrad, Rows, RowsMut};
+    let err = |m: String| TensorError::Arg { op: "bench attention", msg: format!("{m}\n{ATTENTION_USAGE}") };
+    let (mut seq, mut heads, mut hd, mut batch, mut calls, mut threads) = (57, 12, 64, 8, 400, None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let v = it.next().ok_or_else(|| err(format!("{a} needs a value")))?;
+        let n = v.parse::<usize>().map_err(|_| err(format!("{a}: `{v}` is not a whole number")))?;
+        match a.as_str() {
+            "--seq" => seq = n,
+            "--heads" => heads = n,
+            "--head-dim" => hd = n,
+            "--batch" => batch = n,
+            "--calls" => calls = n,
+            "--threads" => threads = Some(n),
+            other => return Err(err(format!("unknown option `{other}`"))),
+        }
+    }
+    if [seq, heads, hd, batch, calls].contains(&0) {
+        return Err(err("--seq, --heads, --head-dim, --batch and --calls must be at least 1".into()));
+    }
+    if let Some(t) = threads {
+        sg_tensor::par::set_threads(t)?;
+    }
+    let s = AttnShape { batch, seq, heads, head_dim: hd };
+    let w = heads * hd;
+    let mut rng = Rng::new(0);
+    let qkv = rng.normals(batch * seq * 3 * w, 1.0);
+    let dout = rng.normals(batch * seq * w, 1.0);
+    let (mut o, mut lse, mut dqkv) = (vec![0.0; batch * seq * w], vec![0.0; batch * heads * seq], vec![0.0; qkv.len()]);
+    let (q, k, v) =
+        (Rows { data: &qkv, ld: 3 * w }, Rows { data: &qkv[w..], ld: 3 * w }, Rows { data: &qkv[2 * w..], ld: 3 * w });
+    let scale = 1.0 / (hd as f32).sqrt();
+    let probe = || {
+        let t0 = Instant::now();
+        let r = sg_tensor::par::on_every_thread(|| sg_tensor::simd::fma_probe(PROBE_STEPS));
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(r.iter().map(|x| x.1).sum::<f32>());
+        r.iter().map(|x| x.0).sum::<f64>() / dt / 1e9
+    };
+    let flops = s.forward_flops();
+    // Per call: (forward GFLOP/s, backward GFLOP/s, peak GFLOP/s around each).
+    let mut rates: Vec<[f64; 4]> = Vec::with_capacity(calls);
+    sg_tensor::par::install(|| -> Result<()> {
+        for i in 0..calls + 5 {
+            let p0 = probe();
+            let t0 = Instant::now();
+            attn::forward(s, q, k, v, scale, RowsMut { data: &mut o, ld: w }, Some(&mut lse))?;
+            let f = flops / t0.elapsed().as_secs_f64() / 1e9;
+            let p1 = probe();
+            let t0 = Instant::now();
+            let (o, d) = (Rows { data: &o, ld: w }, Rows { data: &dout, ld: w });
+            attn::backward(s, q, k, v, o, d, &lse, scale, QkvGrad::Packed(&mut dqkv))?;
+            let b = 2.5 * flops / t0.elapsed().as_secs_f64() / 1e9;
+            let p2 = probe();
+            // The first five calls warm the caches and the pool.
+            if i >= 5 {
+                rates.push([f, b, (p0 + p1) / 2.0, (p1 + p2) / 2.0]);
+            }
+        }
+        Ok(())
+    })?;
+    let median = |x: &mut Vec<f64>| {
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let col = |j: usize| rates.iter().map(|r| r[j]).collect::<Vec<_>>();
+    let (fwd, bwd) = (median(&mut col(0)), median(&mut col(1)));
+    let peak = median(&mut rates.iter().flat_map(|r| [r[2], r[3]]).collect());
+    let fwd_of_peak = median(&mut rates.iter().map(|r| r[0] / r[2]).collect());
+    let bwd_of_peak = median(&mut rates.iter().map(|r| r[1] / r[3]).collect());
+    let r3 = |x: f64| (x * 1e3).round() / 1e3;
+    eprintln!(
+        "attention b{batch} h{heads} s{seq} d{hd}, {} threads, medians of {calls} calls: forward {fwd:.1} GFLOP/s \
+         ({:.1}% of the peak around it), backward {bwd:.1} ({:.1}%); peak {peak:.1}",
+        sg_tensor::par::threads(),
+        100.0 * fwd_of_peak,
+        100.0 * bwd_of_peak
+    );
+    Ok(serde_json::json!({
+        "impl": format!("spectralgpt-rs-{}-{}", env!("CARGO_PKG_VERSION"), sg_tensor::simd::isa().name()),
+        "task": "attention", "batch": batch, "seq": seq, "heads": heads, "head_dim": hd,
+        "threads": sg_tensor::par::threads(), "calls": calls,
+        "fwd_gflops": r3(fwd), "bwd_gflops": r3(bwd), "peak_gflops": r3(peak),
+        "fwd_of_peak": r3(fwd_of_peak), "bwd_of_peak": r3(bwd_of_peak),
     }))
 }

@@ -9,6 +9,8 @@
 //!   exits non-zero if any tensor is outside its tolerance.
 //! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
 //! - `crop-scene SRC DST TOP LEFT SIZE`: a region of a folder of per-band GeoTIFFs (fixtures).
+//! - `bench attention [--seq N ...]`: attention forward and backward as fractions of the FMA peak
+//!   measured around each call (the honest figure on a shared host whose peak moves).
 //! - `bench kernels [FILTER]`: the criterion benchmarks of `sg-tensor`'s kernels on ViT-B shapes;
 //!   throughput is printed in elements/s where one element is one floating-point operation.
 
@@ -23,6 +25,7 @@ const USAGE: &str = "usage:
   cargo xtask convert IN.pth OUT.safetensors
   cargo xtask crop-scene SRC_DIR DST_DIR TOP LEFT SIZE
   cargo xtask bench pretrain|infer [--size base --img 96 --batch 8 --steps 5 --threads N]
+  cargo xtask bench attention [--seq 57 --heads 12 --head-dim 64 --batch 8 --threads N --calls 400]
   cargo xtask bench kernels [FILTER]";
 
 fn parity(files: &[&str]) -> ExitCode {
@@ -151,7 +154,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        ["bench", task @ ("pretrain" | "infer"), rest @ ..] => {
+        ["bench", task @ ("pretrain" | "infer" | "attention"), rest @ ..] => {
             match xtask::bench::run(task, &rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
                 Ok(j) => {
                     println!("{j}");

@@ -74,6 +74,19 @@ pub fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// `f()` on every thread of the pool at once (once, without rayon): a benchmark's measure of what
+/// all the cores do together.
+pub fn on_every_thread<R: Send>(f: impl Fn() -> R + Sync) -> Vec<R> {
+    #[cfg(feature = "rayon")]
+    {
+        rayon::broadcast(|_| f())
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        vec![f()]
+    }
+}
+
 /// True where the pool has more than one thread. A split made inside a parallel task stays in the
 /// same pool (rayon queues it), so nesting never adds threads.
 pub(crate) fn can_split() -> bool {

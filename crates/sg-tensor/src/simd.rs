@@ -100,6 +100,27 @@ pub fn isa() -> Isa {
     chosen
 }
 
+/// Twelve independent chains of `n` vector FMAs each, on registers alone, on the active instruction
+/// set: this core's FMA rate at this moment. Benchmarks read kernel rates against it, because on a
+/// shared host the peak is not a constant. Returns the floating-point operations done and a value
+/// that depends on every one of them (so that none can be optimised away).
+pub fn fma_probe(n: usize) -> (f64, f32) {
+    crate::dispatch!(isa(), fma_chains[](n))
+}
+
+#[inline(always)]
+fn fma_chains<S: Simd>(n: usize) -> (f64, f32) {
+    let mut acc = [S::splat(0.0); 12];
+    let (b, c) = (S::splat(0.999_999), S::splat(1e-7));
+    for _ in 0..n {
+        for x in acc.iter_mut() {
+            *x = S::fma(*x, b, c);
+        }
+    }
+    let sum = acc.iter().fold(S::splat(0.0), |s, &x| S::add(s, x));
+    ((n * acc.len() * S::LANES * 2) as f64, S::reduce_sum(sum))
+}
+
 /// Forces an instruction set (for tests and benchmarks). Asking for one the CPU lacks selects the
 /// best one it has instead, so this can never make a kernel execute an illegal instruction.
 pub fn set_isa(want: Isa) -> Isa {

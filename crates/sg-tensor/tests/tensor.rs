@@ -293,3 +293,18 @@ fn ln_is_accurate_on_every_lane_type() {
         assert_eq!((y[1], y[2]), (f32::INFINITY, 0.0), "{name}");
     }
 }
+
+/// The peak probe does the work it counts, on every instruction set: each of its chains is
+/// x <- 0.999999 x + 1e-7 from 0, so n steps leave about n * 1e-7 per lane.
+#[test]
+fn fma_probe_counts_the_work_it_does() {
+    let n = 1000;
+    for isa in Isa::available() {
+        let (flops, sum) = sg_tensor::simd::with_isa(isa, || sg_tensor::simd::fma_probe(n));
+        let lanes = flops / (2 * 12 * n) as f64;
+        assert!([1.0, 4.0, 8.0].contains(&lanes), "{isa:?}: {flops} operations for {n} steps");
+        let per_lane = (1.0 - 0.999_999f64.powi(n as i32)) / 1e-6 * 1e-7;
+        let want = 12.0 * lanes * per_lane;
+        assert!((sum as f64 - want).abs() <= 1e-4 * want, "{isa:?}: {sum} vs {want}");
+    }
+}
