@@ -10,7 +10,7 @@
 //! - `convert IN.pth OUT.safetensors`: an original PyTorch checkpoint's model as safetensors.
 //! - `crop-scene SRC DST TOP LEFT SIZE`: a region of a folder of per-band GeoTIFFs (fixtures).
 //! - `bench attention [--seq N ...]`: attention forward and backward as fractions of the FMA peak
-//!   measured around each call (the honest figure on a shared host whose peak moves).
+//!   measured around each call (which removes the compute-side swings of a shared host).
 //! - `bench kernels [FILTER]`: the criterion benchmarks of `sg-tensor`'s kernels on ViT-B shapes;
 //!   throughput is printed in elements/s where one element is one floating-point operation.
 

@@ -179,13 +179,7 @@ fn forward_to(
             // The task this thread most likely runs next (rayon hands out ranges of tasks).
             let next = (t + 1 < tasks && s.seq <= PREFETCH_SEQ).then(|| {
                 let n = t + 1;
-                let o = out_ptr.get().add(at(n, ld_out)) as *const f32;
-                [
-                    q.data.as_ptr().add(at(n, q.ld)),
-                    k.data.as_ptr().add(at(n, k.ld)),
-                    v.data.as_ptr().add(at(n, v.ld)),
-                    o,
-                ]
+                [q.data.as_ptr().add(at(n, q.ld)), k.data.as_ptr().add(at(n, k.ld)), v.data.as_ptr().add(at(n, v.ld))]
             });
             crate::dispatch!(isa, forward_head[](&s, qh, q.ld, kh, k.ld, vh, v.ld, scale, oh, ld_out, lh, next))
         }
@@ -392,7 +386,7 @@ unsafe fn forward_head<S: Simd>(
     out: *mut f32,
     ldo: usize,
     lse: Option<*mut f32>,
-    next: Option<[*const f32; 4]>,
+    next: Option<[*const f32; 3]>,
 ) {
     let (seq, hd) = (s.seq, s.head_dim);
     let bk = key_block(seq);
@@ -408,8 +402,11 @@ unsafe fn forward_head<S: Simd>(
     // `softmax_columns` before anything reads them, `inv` (1 / l) before the last tile's product:
     // stack arrays would be zeroed by a `memset` per head.
     let [qt, kc, vc, st, acc, m, l, alpha, inv] = scratch.carve(sizes);
-    // Row strides of the next task's q, k, v and out (as this task's, before any copy).
-    let next_ld = [ldq, ldk, ldv, ldo];
+    // Row strides of the next task's q, k and v (as this task's, before any copy). Its output rows
+    // are not prefetched: they are only written, at the end (with the spread prefetches, leaving
+    // them out was 0 to +5% on the medians of paired runs). The backward, whose products write
+    // dq, dk and dv as they go, is slower without its write targets (0.945).
+    let next_ld = [ldq, ldk, ldv];
     // V is copied out to contiguous rows: the P V product reads every row of V once per six rows
     // of P, and in place those rows are kilobytes apart, each on its own page (at 57 tokens the
     // copy made the forward 5% faster: fewer TLB misses). K, the scores' row operand, is read once
