@@ -177,13 +177,17 @@ fn bench_attention(c: &mut Criterion) {
 fn bench_peak(c: &mut Criterion) {
     let mut g = c.benchmark_group("peak");
     g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    // About a millisecond per call, so that waking the second thread is noise.
-    let n = 100_000;
+    // About a millisecond per call, so that waking the second thread is noise; timed on a pool
+    // thread (with one thread, no wake-up at all: from outside the pool, waking the worker for
+    // each 0.2 ms call read as a peak of 68).
+    let n = 500_000;
     let flops = sg_tensor::simd::fma_probe(1).0 * n as f64;
     for t in threads() {
         let p = pool(t);
         g.throughput(Throughput::Elements((t as f64 * flops) as u64));
-        g.bench_function(format!("fma/t{t}"), |b| b.iter(|| p.broadcast(|_| sg_tensor::simd::fma_probe(n).1)));
+        g.bench_function(format!("fma/t{t}"), |b| {
+            in_pool(b, &p, || sg_tensor::par::on_every_thread(|| sg_tensor::simd::fma_probe(n).1))
+        });
     }
     g.finish();
 }
