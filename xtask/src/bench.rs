@@ -202,9 +202,10 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
 pub const ATTENTION_USAGE: &str =
     "cargo xtask bench attention [--seq 57] [--heads 12] [--head-dim 64] [--batch 8] [--threads N] [--calls 400]";
 
-/// Steps of each FMA chain per probe: about 0.2 ms per thread at 100 GFLOP/s, short beside an
-/// attention call (1.4 ms for the forward of 57 tokens on one thread), long beside timer noise.
-const PROBE_STEPS: usize = 100_000;
+/// Steps of each FMA chain per probe: about 1 ms per thread at 100 GFLOP/s, as long as an attention
+/// call (1.4 ms for the forward of 57 tokens on one thread), so that waking the other threads
+/// (tens of microseconds) stays small beside it.
+const PROBE_STEPS: usize = 500_000;
 
 /// `cargo xtask bench attention`: the attention kernels' rates read against the FMA peak measured
 /// just before and just after each call (`simd::fma_probe` on every thread). On a shared host the
