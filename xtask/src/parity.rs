@@ -8,7 +8,7 @@
 //! 1e-5 relative (1e-6 absolute) elementwise, gradients within 1e-4 of each tensor's largest value
 //! (gradients that vanish in exact arithmetic: see `grad_check`). The model's outputs are also run
 //! in f64 ([`CpuF64`]), and their allowance grows by the reference's own worst distance from that
-//! run (see [`exact_check`]): PyTorch rounds in f32 too.
+//! run (see `exact_check`): PyTorch rounds in f32 too.
 
 use std::path::Path;
 
