@@ -183,8 +183,7 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
         }
         eprintln!("  {:30} {:5.1}%", "other (setup, freeing)", 100.0 * (total - covered) / total);
     }
-    times.sort_by(f64::total_cmp);
-    let med = if times.is_empty() { f64::NAN } else { times[times.len() / 2] };
+    let med = median(times);
     Ok(serde_json::json!({
         "impl": format!(
             "spectralgpt-rs-{}-{}{}",
@@ -197,6 +196,12 @@ pub fn run(task: &str, args: &[String]) -> Result<serde_json::Value> {
         "samples_per_s": (batch as f64 / med * 1e3).round() / 1e3,
         "peak_rss_mib": (peak_rss_mib() * 10.0).round() / 10.0,
     }))
+}
+
+/// The upper median (NaN for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 pub const ATTENTION_USAGE: &str =
@@ -275,15 +280,11 @@ fn attention(args: &[String]) -> Result<serde_json::Value> {
         }
         Ok(())
     })?;
-    let median = |x: &mut Vec<f64>| {
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
     let col = |j: usize| rates.iter().map(|r| r[j]).collect::<Vec<_>>();
-    let (fwd, bwd) = (median(&mut col(0)), median(&mut col(1)));
-    let peak = median(&mut rates.iter().flat_map(|r| [r[2], r[3]]).collect());
-    let fwd_of_peak = median(&mut rates.iter().map(|r| r[0] / r[2]).collect());
-    let bwd_of_peak = median(&mut rates.iter().map(|r| r[1] / r[3]).collect());
+    let (fwd, bwd) = (median(col(0)), median(col(1)));
+    let peak = median(rates.iter().flat_map(|r| [r[2], r[3]]).collect());
+    let fwd_of_peak = median(rates.iter().map(|r| r[0] / r[2]).collect());
+    let bwd_of_peak = median(rates.iter().map(|r| r[1] / r[3]).collect());
     let r3 = |x: f64| (x * 1e3).round() / 1e3;
     eprintln!(
         "attention b{batch} h{heads} s{seq} d{hd}, {} threads, medians of {calls} calls: forward {fwd:.1} GFLOP/s \

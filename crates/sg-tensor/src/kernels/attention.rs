@@ -192,30 +192,16 @@ fn head_offset(s: &AttnShape, t: usize, ld: usize) -> usize {
     (t / s.heads) * s.seq * ld + (t % s.heads) * s.head_dim
 }
 
-/// Micro-kernel calls of the forward's products for one head: the pace of its prefetches.
-fn forward_calls(seq: usize, hd: usize, bk: usize) -> usize {
-    let mut calls = 0;
+/// `f(bq, nk)` summed over a head's tiles, `bq` queries against `nk` keys each: with `f` the
+/// micro-kernel calls of the tile's products, the pace of the next head's prefetches.
+fn sum_over_tiles(seq: usize, bk: usize, f: impl Fn(usize, usize) -> usize) -> usize {
+    let mut sum = 0;
     for i0 in (0..seq).step_by(BLOCK_Q) {
-        let bq = BLOCK_Q.min(seq - i0);
         for j0 in (0..seq).step_by(bk) {
-            let nk = bk.min(seq - j0);
-            calls += tile::calls(nk, bq.next_multiple_of(PAD)) + tile::calls(bq, hd);
+            sum += f(BLOCK_Q.min(seq - i0), bk.min(seq - j0));
         }
     }
-    calls
-}
-
-/// Micro-kernel calls of the backward's five products for one head.
-fn backward_calls(seq: usize, hd: usize, bk: usize) -> usize {
-    let mut calls = 0;
-    for j0 in (0..seq).step_by(bk) {
-        let nk = bk.min(seq - j0);
-        for i0 in (0..seq).step_by(BLOCK_Q) {
-            let bq = BLOCK_Q.min(seq - i0);
-            calls += 2 * tile::calls(bq, nk.next_multiple_of(PAD)) + tile::calls(bq, hd) + 2 * tile::calls(nk, hd);
-        }
-    }
-    calls
+    sum
 }
 
 /// Score rows are padded to this many columns, so the tile kernel never falls back to scalar columns.
@@ -420,7 +406,8 @@ unsafe fn forward_head<S: Simd>(
         (kc.as_ptr(), hd)
     };
     // The next head's rows, a few with each micro-kernel call of this one.
-    let mut ahead = next.map(|ptrs| tile::Ahead::new(ptrs, next_ld, seq, hd, forward_calls(seq, hd, bk)));
+    let calls = |bq: usize, nk: usize| tile::calls::<S>(nk, bq.next_multiple_of(PAD)) + tile::calls::<S>(bq, hd);
+    let mut ahead = next.map(|ptrs| tile::Ahead::new(ptrs, next_ld, seq, hd, sum_over_tiles(seq, bk, calls)));
     for i0 in (0..seq).step_by(BLOCK_Q) {
         let bq = BLOCK_Q.min(seq - i0);
         let bqp = bq.next_multiple_of(PAD);
@@ -685,7 +672,10 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
     transpose_padded::<S>(p.v, ldv, seq, hd, vt, sp);
     let (pq, ldq, pk, ldk, pdo, lddo) = (qc.as_ptr(), hd, kc.as_ptr(), hd, doc.as_ptr(), hd);
     // The next head's rows, a few with each micro-kernel call of this one.
-    let mut ahead = next.map(|ptrs| tile::Ahead::new(ptrs, p.ld, seq, hd, backward_calls(seq, hd, bk)));
+    let calls = |bq: usize, nk: usize| {
+        2 * tile::calls::<S>(bq, nk.next_multiple_of(PAD)) + tile::calls::<S>(bq, hd) + 2 * tile::calls::<S>(nk, hd)
+    };
+    let mut ahead = next.map(|ptrs| tile::Ahead::new(ptrs, p.ld, seq, hd, sum_over_tiles(seq, bk, calls)));
     for j0 in (0..seq).step_by(bk) {
         let nk = bk.min(seq - j0);
         let nkp = nk.next_multiple_of(PAD);

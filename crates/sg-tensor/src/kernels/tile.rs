@@ -85,8 +85,8 @@ unsafe fn micro<S: Simd, const R: usize, const NV: usize>(
 }
 
 /// Micro-kernel calls of an `m x n` product (rows by about [`MR`], columns by two vectors).
-pub(crate) fn calls(m: usize, n: usize) -> usize {
-    m.div_ceil(MR) * n.div_ceil(16)
+pub(crate) fn calls<S: Simd>(m: usize, n: usize) -> usize {
+    m.div_ceil(MR) * n.div_ceil(2 * S::LANES)
 }
 
 /// Prefetches of the rows of `N` strided operands (the next task's), a few rows before each
