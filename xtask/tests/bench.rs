@@ -1,8 +1,6 @@
 //! `cargo xtask bench attention`: a small problem runs and reports its rates; bad options are named.
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
+mod common;
+use common::args;
 
 #[test]
 fn attention_bench_reports_rates_against_the_peak() {

@@ -1,21 +1,11 @@
 //! Fine-tuning and evaluation of the dense tasks (segmentation on the Sen1Floods11 chip, change
 //! detection on the OSCD city pair) on the bundled fixtures.
+mod common;
+use common::{args, tmp};
 
 use std::path::{Path, PathBuf};
 
 use xtask::finetune::{eval, finetune};
-
-/// A path for a run's output, not yet created, inside a temporary directory that is removed when
-/// the guard drops (also when the test fails).
-fn tmp(tag: &str) -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::Builder::new().prefix(&format!("sg-dense-{tag}-")).tempdir().unwrap();
-    let p = d.path().join("out");
-    (d, p)
-}
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
 
 fn report(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
@@ -35,7 +25,7 @@ fn pngs(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn segmentation_finetunes_evaluates_and_writes_maps() {
-    let (_out_dir, out) = tmp("seg");
+    let (_out_dir, out) = tmp("dense-seg");
     let o = out.to_str().unwrap();
     let m = finetune(&args(&[
         "--task",
@@ -73,7 +63,7 @@ fn segmentation_finetunes_evaluates_and_writes_maps() {
 
 #[test]
 fn change_detection_with_batch_norm_finetunes_and_evaluates() {
-    let (_out_dir, out) = tmp("change");
+    let (_out_dir, out) = tmp("dense-change");
     let o = out.to_str().unwrap();
     let m = finetune(&args(&[
         "--task",
@@ -149,7 +139,7 @@ impl tiff::encoder::colortype::ColorType for Bands13 {
 fn image_and_mask_folders_segment_with_many_classes() {
     // Three 13-band scenes cut from the real Sen1Floods11 chip, with 13-class masks made from its
     // water label (water 7, dry 3, no data 255), in the img/ + label/ layout.
-    let (_pairs_dir, dir) = tmp("pairs");
+    let (_pairs_dir, dir) = tmp("dense-pairs");
     for sub in ["img", "label"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
@@ -182,7 +172,7 @@ fn image_and_mask_folders_segment_with_many_classes() {
             tiff::encoder::TiffEncoder::new(std::fs::File::create(dir.join("label").join(&name)).unwrap()).unwrap();
         enc.write_image::<tiff::encoder::colortype::Gray8>(s as u32, s as u32, &mask).unwrap();
     }
-    let (_out_dir, out) = tmp("pairs-out");
+    let (_out_dir, out) = tmp("dense-pairs-out");
     let (d, o) = (dir.to_str().unwrap(), out.to_str().unwrap());
     let m = finetune(&args(&[
         "--task",

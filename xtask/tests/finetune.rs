@@ -1,16 +1,6 @@
 //! Fine-tuning and evaluation of the classification tasks on the bundled samples.
-/// A path for a run's output, not yet created, inside a temporary directory that is removed when
-/// the guard drops (also when the test fails).
-fn tmp(tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let d = tempfile::Builder::new().prefix(&format!("sg-ft-{tag}-")).tempdir().unwrap();
-    let p = d.path().join("out");
-    (d, p)
-}
-
-fn args(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
+mod common;
+use common::{args, tmp};
 fn history_losses(out: &std::path::Path) -> Vec<f64> {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
@@ -19,7 +9,7 @@ fn history_losses(out: &std::path::Path) -> Vec<f64> {
 
 #[test]
 fn eurosat_finetunes_and_evaluates() {
-    let (_out_dir, out) = tmp("eurosat");
+    let (_out_dir, out) = tmp("ft-eurosat");
     let o = out.display().to_string();
     let m = xtask::finetune::finetune(&args(&[
         "--task", "eurosat", "--epochs", "12", "--batch", "5", "--blr", "0.2", "--out", &o,
@@ -58,7 +48,7 @@ fn eurosat_finetunes_and_evaluates() {
 
 #[test]
 fn bigearthnet_multilabel_finetunes_from_a_pretraining_checkpoint() {
-    let (_pre_dir, pre) = tmp("pre");
+    let (_pre_dir, pre) = tmp("ft-pre");
     xtask::pretrain::run(
         &xtask::pretrain::Options::parse(&args(&[
             "--steps",
@@ -72,7 +62,7 @@ fn bigearthnet_multilabel_finetunes_from_a_pretraining_checkpoint() {
         .unwrap(),
     )
     .unwrap();
-    let (_out_dir, out) = tmp("ben");
+    let (_out_dir, out) = tmp("ft-ben");
     let m = xtask::finetune::finetune(&args(&[
         "--task",
         "bigearthnet",

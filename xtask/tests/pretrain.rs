@@ -1,5 +1,7 @@
 //! Pretraining on the bundled real data: the loss falls, an interrupted run resumes bit-identically,
 //! and a diverging run stops with its last good checkpoint kept.
+mod common;
+use common::tmp;
 use sg_tensor::io::SafetensorsFile;
 use xtask::pretrain::{run, Options};
 
@@ -11,14 +13,6 @@ fn opts(out: &std::path::Path, extra: &[&str]) -> Options {
     Options::parse(&args).unwrap()
 }
 
-/// A path for a run's output, not yet created, inside a temporary directory that is removed when
-/// the guard drops (also when the test fails).
-fn tmp(tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let d = tempfile::Builder::new().prefix(&format!("sg-pretrain-{tag}-")).tempdir().unwrap();
-    let p = d.path().join("out");
-    (d, p)
-}
-
 fn tensors(dir: &std::path::Path, file: &str) -> Vec<(String, Vec<u32>)> {
     let f = SafetensorsFile::open(dir.join(file)).unwrap();
     f.names().into_iter().map(|n| (n.clone(), f.f32(&n).unwrap().1.iter().map(|v| v.to_bits()).collect())).collect()
@@ -26,7 +20,7 @@ fn tensors(dir: &std::path::Path, file: &str) -> Vec<(String, Vec<u32>)> {
 
 #[test]
 fn loss_falls_on_real_data() {
-    let (_out_dir, out) = tmp("falls");
+    let (_out_dir, out) = tmp("pretrain-falls");
     let s = run(&opts(&out, &["--steps", "40"])).unwrap();
     assert_eq!(s.steps, 40);
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
@@ -56,7 +50,7 @@ fn loss_falls_on_real_data() {
 
 #[test]
 fn interrupted_run_resumes_bit_identically() {
-    let ((_a_dir, a), (_b_dir, b)) = (tmp("straight"), tmp("resumed"));
+    let ((_a_dir, a), (_b_dir, b)) = (tmp("pretrain-straight"), tmp("pretrain-resumed"));
     run(&opts(&a, &["--steps", "6"])).unwrap();
     run(&opts(&b, &["--steps", "6", "--stop-at", "3"])).unwrap();
     assert_ne!(tensors(&a, "checkpoint.safetensors"), tensors(&b, "checkpoint.safetensors"), "stopped early");
@@ -67,7 +61,7 @@ fn interrupted_run_resumes_bit_identically() {
 
 #[test]
 fn divergence_stops_and_keeps_the_last_good_checkpoint() {
-    let (_out_dir, out) = tmp("nan");
+    let (_out_dir, out) = tmp("pretrain-nan");
     let e = run(&opts(&out, &["--steps", "30", "--blr", "1e15", "--save-every", "1", "--warmup", "0"]))
         .unwrap_err()
         .to_string();
@@ -81,7 +75,7 @@ fn divergence_stops_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn json_model_configs() {
-    let (_out_dir, out) = tmp("json");
+    let (_out_dir, out) = tmp("pretrain-json");
     std::fs::create_dir_all(&out).unwrap();
     let cfg = out.join("small.json");
     std::fs::write(&cfg, r#"{"embed_dim": 64, "depth": 1, "num_heads": 2, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2}"#).unwrap();
@@ -104,7 +98,7 @@ fn bad_options_are_errors() {
 
 #[test]
 fn reconstruct_any_readable_image_from_a_checkpoint() {
-    let (_out_dir, out) = tmp("recon");
+    let (_out_dir, out) = tmp("pretrain-recon");
     run(&opts(&out, &["--steps", "2"])).unwrap();
     let fx = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
     let png = out.join("r.png");
@@ -144,7 +138,8 @@ fn progressive_stages_move_the_position_embeddings() {
         ]);
         v
     };
-    let ((_a_dir, a), (_b_dir, b), (_c_dir, c)) = (tmp("stage-interp"), tmp("stage-reinit"), tmp("stage-resumed"));
+    let ((_a_dir, a), (_b_dir, b), (_c_dir, c)) =
+        (tmp("pretrain-stage-interp"), tmp("pretrain-stage-reinit"), tmp("pretrain-stage-resumed"));
     let with_out = |mut v: Vec<String>, out: &std::path::Path, extra: &[&str]| {
         v.extend(["--out".into(), out.display().to_string()]);
         v.extend(extra.iter().map(|s| s.to_string()));
