@@ -164,6 +164,10 @@ pub trait Simd: Copy + 'static {
     fn round(a: Self::V) -> Self::V;
     /// `2^n` for an integer-valued `n` in [-126, 127].
     fn pow2i(n: Self::V) -> Self::V;
+    /// The float whose bits are `t`'s shifted left by 23 places: where the low 8 bits of `t`'s
+    /// mantissa hold a biased exponent (and the ninth is 0), that power of two. [`Simd::pow2i`]
+    /// without the conversion to an integer, for `math::exp2_nonpos`.
+    fn shl23(t: Self::V) -> Self::V;
     /// `(e, m)` with `x = m * 2^e`, `m` in [1, 2) and `e` integer-valued, read from the bits of a
     /// positive normal `x` (the inverse of [`Simd::pow2i`]); other lanes get unspecified values.
     fn split_exp(x: Self::V) -> (Self::V, Self::V);
@@ -273,6 +277,10 @@ impl Simd for Scalar {
         f32::from_bits((((n as i32) + 127) as u32) << 23)
     }
     #[inline(always)]
+    fn shl23(t: f32) -> f32 {
+        f32::from_bits(t.to_bits() << 23)
+    }
+    #[inline(always)]
     fn split_exp(x: f32) -> (f32, f32) {
         let b = x.to_bits();
         (((b >> 23) & 0xff) as f32 - 127.0, f32::from_bits((b & MANTISSA) | ONE_BITS))
@@ -368,6 +376,10 @@ impl Simd for Portable {
         let i = n.round_int() + wide::i32x8::splat(127);
         let bits: wide::i32x8 = i << 23;
         bytemuck_cast(bits)
+    }
+    #[inline(always)]
+    fn shl23(t: Self::V) -> Self::V {
+        wide::f32x8::from(t.to_array().map(|x| f32::from_bits(x.to_bits() << 23)))
     }
     #[inline(always)]
     fn split_exp(x: Self::V) -> (Self::V, Self::V) {
@@ -499,6 +511,10 @@ mod avx2 {
                 let i = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
                 _mm256_castsi256_ps(_mm256_slli_epi32(i, 23))
             }
+        }
+        #[inline(always)]
+        fn shl23(t: __m256) -> __m256 {
+            unsafe { _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)) }
         }
         #[inline(always)]
         fn split_exp(x: __m256) -> (__m256, __m256) {

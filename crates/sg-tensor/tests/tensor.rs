@@ -294,6 +294,39 @@ fn ln_is_accurate_on_every_lane_type() {
     }
 }
 
+#[test]
+fn exp2_nonpos_is_accurate_on_every_lane_type() {
+    // Every integer and half-integer of the range (the rounding's ties), values next to them, a
+    // dense sweep near 0 (a softmax's largest probabilities) and random values.
+    let mut xs: Vec<f32> = (0..=252).map(|i| -(i as f32) / 2.0).collect();
+    xs.extend(xs.clone().iter().flat_map(|&x| [f32::from_bits(x.to_bits() + 1), x + f32::EPSILON]));
+    xs.extend((0..4000).map(|i| -(i as f32) / 4000.0));
+    xs.extend(data(22, 4000, 1.0).iter().map(|u| -126.0 * u.abs()));
+    xs.retain(|&x| (-126.0..=0.0).contains(&x));
+    let lanes: Vec<(&str, SliceFn)> = vec![
+        ("scalar", |x| map_lanes::<Scalar>(x, math::exp2_nonpos::<Scalar>)),
+        ("portable", |x| map_lanes::<sg_tensor::simd::Portable>(x, math::exp2_nonpos::<sg_tensor::simd::Portable>)),
+        #[cfg(target_arch = "x86_64")]
+        ("avx2+fma", |x| map_lanes::<sg_tensor::simd::Avx2>(x, math::exp2_nonpos::<sg_tensor::simd::Avx2>)),
+    ];
+    for (name, exp2) in lanes {
+        #[cfg(target_arch = "x86_64")]
+        if name == "avx2+fma" && !Isa::available().contains(&Isa::Avx2Fma) {
+            continue;
+        }
+        let mut worst = 0f64;
+        for (&x, y) in xs.iter().zip(exp2(&xs)) {
+            let want = (x as f64).exp2();
+            worst = worst.max((y as f64 - want).abs() / want);
+        }
+        // About two units in the last place (2^-23 = 1.2e-7).
+        assert!(worst <= 2.5e-7, "{name}: relative error {worst:e}");
+        let y = exp2(&[f32::NAN, -1000.0, 0.0]);
+        assert!(y[0].is_nan(), "{name}: NaN must propagate");
+        assert_eq!((y[1], y[2]), (f32::MIN_POSITIVE, 1.0), "{name}");
+    }
+}
+
 /// The peak probe does the work it counts, on every instruction set: each of its chains is
 /// x <- 0.999999 x + 1e-7 from 0, so n steps leave about n * 1e-7 per lane.
 #[test]

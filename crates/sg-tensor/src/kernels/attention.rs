@@ -218,43 +218,29 @@ fn key_block(seq: usize) -> usize {
     seq.div_ceil(seq.div_ceil(BLOCK_K)).next_multiple_of(PAD)
 }
 
-/// `row[..valid] = exp(row[..valid] - m)` in place, with `m` at least their maximum; returns their
-/// sum. `row` is a padded score row (its length a multiple of the lane count, at least `valid`): a
-/// ragged end is one more vector with the padding lanes set to 0, not a scalar exponential per
-/// value (at 57 tokens a row is seven vectors and one value).
+/// `row[..valid] = 2^(row[..valid] - m)` in place, with `m` at least their maximum, and the
+/// padding after them 0. `row` is a padded score row (its length a multiple of the lane count, at
+/// least `valid`): a ragged end is one more vector with the padding lanes set to 0, not a scalar
+/// exponential per value (at 57 tokens a row is seven vectors and one value).
 #[inline(always)]
-fn exp_shift_sum<S: Simd>(row: &mut [f32], valid: usize, m: f32) -> f32 {
+fn exp2_shift<S: Simd>(row: &mut [f32], valid: usize, m: f32) {
     debug_assert!(valid <= row.len() && row.len() % S::LANES == 0);
     let p = row.as_mut_ptr();
     let vm = S::splat(m);
-    // Two sums in flight, so the additions' latency does not pace the exponentials. (No closure
-    // for the shared step: a closure would not inherit the caller's target features.)
-    let mut acc = [S::splat(0.0); 2];
     let mut i = 0;
     // SAFETY (every load and store): each vector lies within `row`, whose length is a multiple of
     // the lane count.
     unsafe {
-        while i + 2 * S::LANES <= valid {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let at = p.add(i + j * S::LANES);
-                let e = math::exp_nonpos::<S>(S::sub(S::load(at), vm));
-                S::store(at, e);
-                *a = S::add(*a, e);
-            }
-            i += 2 * S::LANES;
-        }
         while i < valid {
-            let mut e = math::exp_nonpos::<S>(S::sub(S::load(p.add(i)), vm));
+            let mut e = math::exp2_nonpos::<S>(S::sub(S::load(p.add(i)), vm));
             if i + S::LANES > valid {
                 let lane = S::load(LANE_INDEX.as_ptr());
                 e = S::select_lt(lane, S::splat((valid - i) as f32), e, S::splat(0.0));
             }
             S::store(p.add(i), e);
-            acc[0] = S::add(acc[0], e);
             i += S::LANES;
         }
     }
-    S::reduce_sum(S::add(acc[0], acc[1]))
 }
 
 /// Each lane's index (as many as the widest lane type has).
@@ -290,9 +276,9 @@ impl super::Unary for Mul {
 }
 
 /// One key tile's scores, transposed (`nk` key rows of `cols` query columns, rows `ld` apart), made
-/// unnormalised probabilities in place. Per query column: `m = max(m_old, column max)`,
-/// `l = l_old * exp(m_old - m) + sum of exp(s - m)`, and with `first` false `alpha = exp(m_old - m)`
-/// for rescaling the accumulated output. Every step runs down the columns a vector of queries at a
+/// unnormalised probabilities in place. Scores are in base-2 units (the product's scale carries
+/// log2 e). Per query column: `m = max(m_old, column max)`, `l = l_old * 2^(m_old - m) + sum of
+/// 2^(s - m)`, and with `first` false `alpha = 2^(m_old - m)` for rescaling the accumulated output. Every step runs down the columns a vector of queries at a
 /// time, so no query needs a horizontal maximum or sum (the per-row form, scores with keys along
 /// the rows, took 16% of the forward at 57 tokens; this one 10-12%).
 #[inline(always)]
@@ -334,7 +320,7 @@ unsafe fn softmax_columns<S: Simd>(
         while r + 4 <= nk {
             for (j, x) in sum.iter_mut().enumerate() {
                 let at = col.add((r + j) * ld);
-                let e = math::exp_nonpos::<S>(S::sub(S::load(at), m_new));
+                let e = math::exp2_nonpos::<S>(S::sub(S::load(at), m_new));
                 S::store(at, e);
                 *x = S::add(*x, e);
             }
@@ -342,7 +328,7 @@ unsafe fn softmax_columns<S: Simd>(
         }
         for (j, x) in sum.iter_mut().enumerate().take(nk - r) {
             let at = col.add((r + j) * ld);
-            let e = math::exp_nonpos::<S>(S::sub(S::load(at), m_new));
+            let e = math::exp2_nonpos::<S>(S::sub(S::load(at), m_new));
             S::store(at, e);
             *x = S::add(*x, e);
         }
@@ -350,7 +336,7 @@ unsafe fn softmax_columns<S: Simd>(
         if first {
             S::store(l.add(c), sum);
         } else {
-            let a = math::exp_nonpos::<S>(S::sub(m_old, m_new));
+            let a = math::exp2_nonpos::<S>(S::sub(m_old, m_new));
             S::store(alpha.add(c), a);
             S::store(l.add(c), S::fma(S::load(l.add(c)), a, sum));
         }
@@ -419,13 +405,14 @@ unsafe fn forward_head<S: Simd>(
         for j0 in (0..seq).step_by(bk) {
             let nk = bk.min(seq - j0);
             let first = j0 == 0;
-            // S^T of this tile: scale * K_j Q_i^T (padding columns come out 0 and stay unused).
+            // S^T of this tile: scale * K_j Q_i^T (padding columns come out 0 and stay unused), in
+            // base-2 units (times log2 e) for `exp2_nonpos`.
             let stp = st.as_mut_ptr();
             tile::matmul::<S, _>(
                 nk,
                 bqp,
                 hd,
-                Scale::All(scale),
+                Scale::All(scale * std::f32::consts::LOG2_E),
                 k.add(j0 * ldk),
                 ldk,
                 1,
@@ -491,11 +478,12 @@ unsafe fn forward_head<S: Simd>(
             }
         }
         if let Some(lp) = lse {
-            // lse = m + ln l, a vector of queries at a time, into `l`; entries past `bq` are
-            // padding, computed on and never stored.
+            // lse = m ln 2 + ln l (m is in base-2 units), a vector of queries at a time, into `l`;
+            // entries past `bq` are padding, computed on and never stored.
             for c in (0..bqp).step_by(S::LANES) {
                 let ln_l = math::ln_pos::<S>(S::load(l.as_ptr().add(c)));
-                S::store(l.as_mut_ptr().add(c), S::add(S::load(m.as_ptr().add(c)), ln_l));
+                let lse = S::fma(S::load(m.as_ptr().add(c)), S::splat(std::f32::consts::LN_2), ln_l);
+                S::store(l.as_mut_ptr().add(c), lse);
             }
             std::ptr::copy_nonoverlapping(l.as_ptr(), lp.add(i0), bq);
         }
@@ -688,12 +676,12 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
             let bq = BLOCK_Q.min(seq - i0);
             let first = i0 == 0;
             let (qi, doi) = (pq.add(i0 * ldq), pdo.add(i0 * lddo));
-            // P = exp(scale * Q_i K_j^T - lse_i).
+            // P = exp(scale * Q_i K_j^T - lse_i), as 2^(...) of both in base-2 units.
             tile::matmul::<S, _>(
                 bq,
                 nkp,
                 hd,
-                Scale::All(scale),
+                Scale::All(scale * std::f32::consts::LOG2_E),
                 qi,
                 ldq,
                 1,
@@ -705,7 +693,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 &mut ahead,
             );
             for r in 0..bq {
-                exp_shift_sum::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r]);
+                exp2_shift::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r] * std::f32::consts::LOG2_E);
             }
             // dV_j (=|+=) P^T dO_i.
             tile::matmul::<S, _>(

@@ -57,6 +57,44 @@ pub fn exp_nonpos<S: Simd>(x: S::V) -> S::V {
     S::mul(y, S::pow2i(n))
 }
 
+/// 1.5 * 2^23 + 127: a float in [-126, 0] plus this lands in [2^23, 2^24), where floats are the
+/// integers, so the sum is rounded to the nearest integer (ties to even) plus the bias, and its
+/// low mantissa bits hold that integer as a biased exponent.
+const EXP2_SHIFT: f32 = 12_583_039.0;
+
+/// [`EXP5_P`] for `2^r = e^(r ln 2)`: `2^r = 1 + r (c1 + r (c2 + ...))` with `c1 = ln 2` and
+/// `c(k+2) = EXP5_P[k] ln^(k+2) 2` (so the same accuracy on |r| <= 1/2 as `exp_nonpos` on
+/// |r ln 2| <= ln2/2).
+const EXP2_P: [f32; 5] = {
+    let l = std::f64::consts::LN_2;
+    let p = EXP5_P;
+    [
+        l as f32,
+        (p[0] as f64 * l * l) as f32,
+        (p[1] as f64 * l * l * l) as f32,
+        (p[2] as f64 * l * l * l * l) as f32,
+        (p[3] as f64 * l * l * l * l * l) as f32,
+    ]
+};
+
+/// `2^x` for `x <= 0`, as accurate as [`exp_nonpos`] with fewer instructions (11 against 16): the
+/// attention softmax, whose scores carry the factor log2(e) from their product's scale. The
+/// integer part comes from one addition (see [`EXP2_SHIFT`]), so there is no rounding instruction,
+/// no Cody-Waite reduction (`x - round(x)` is exact) and no conversion to an integer. Inputs below
+/// -126 give 2^-126 (the smallest normal), which a softmax sum cannot notice.
+#[inline(always)]
+pub fn exp2_nonpos<S: Simd>(x: S::V) -> S::V {
+    let x = S::max(S::splat(-126.0), x);
+    let t = S::add(x, S::splat(EXP2_SHIFT));
+    let r = S::sub(x, S::sub(t, S::splat(EXP2_SHIFT)));
+    let mut p = S::splat(EXP2_P[4]);
+    p = S::fma(p, r, S::splat(EXP2_P[3]));
+    p = S::fma(p, r, S::splat(EXP2_P[2]));
+    p = S::fma(p, r, S::splat(EXP2_P[1]));
+    p = S::fma(p, r, S::splat(EXP2_P[0]));
+    S::mul(S::fma(p, r, S::splat(1.0)), S::shl23(t))
+}
+
 /// `ln x` for positive normal `x`, within 2 ulp; NaN and +infinity pass through, and zero,
 /// negative and subnormal inputs give unspecified values. `x = m 2^e` with `m` folded into
 /// [sqrt(1/2), sqrt(2)), and `ln m = 2 atanh(t)`, `t = (m - 1) / (m + 1)`, `|t| <= 0.172`, as an odd
