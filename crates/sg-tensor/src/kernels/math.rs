@@ -79,7 +79,7 @@ const EXP2_P: [f32; 5] = {
 
 /// `2^x` for `x <= 0`, as accurate as [`exp_nonpos`] with fewer instructions (11 against 16): the
 /// attention softmax, whose scores carry the factor log2(e) from their product's scale. The
-/// integer part comes from one addition (see [`EXP2_SHIFT`]), so there is no rounding instruction,
+/// integer part comes from one addition (see `EXP2_SHIFT`), so there is no rounding instruction,
 /// no Cody-Waite reduction (`x - round(x)` is exact) and no conversion to an integer. Inputs below
 /// -126 give 2^-126 (the smallest normal), which a softmax sum cannot notice.
 #[inline(always)]
