@@ -126,6 +126,18 @@ impl<const N: usize> Ahead<N> {
     }
 }
 
+/// Rows of the next micro-kernel call with `left` rows to go: MR, except that the last 7 to 10
+/// rows are two blocks of 4 or 5 (57 rows: 8 x 6 + 5 + 4, not 9 x 6 + 3): a block of 3 rows or
+/// fewer keeps too few sums in flight to cover the FMA's latency and loads more per FMA.
+#[inline(always)]
+fn row_block(left: usize) -> usize {
+    if left > 2 * MR - 2 || left <= MR {
+        left.min(MR)
+    } else {
+        left.div_ceil(2)
+    }
+}
+
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_block<S: Simd, const NV: usize, const N: usize>(
@@ -144,11 +156,7 @@ unsafe fn rows_block<S: Simd, const NV: usize, const N: usize>(
 ) {
     let mut r0 = 0;
     while r0 < rows {
-        // Blocks of MR rows; the last 7 to 10 rows as two blocks of 4 or 5 (57 rows: 8 x 6 + 5 +
-        // 4, not 9 x 6 + 3): a block of 3 rows or fewer keeps too few sums in flight to cover the
-        // FMA's latency and loads more per FMA.
-        let left = rows - r0;
-        let n = if left > 2 * MR - 2 || left <= MR { left.min(MR) } else { left.div_ceil(2) };
+        let n = row_block(rows - r0);
         let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.skip_rows(r0));
         if let Some(ah) = ahead.as_mut() {
             ah.step::<S>();
@@ -209,6 +217,52 @@ pub(crate) unsafe fn matmul<S: Simd, const N: usize>(
             let (cp, a) = (c.add(i * rsc + j), alpha.row(i));
             *cp = if accumulate { *cp + a * s } else { a * s };
         }
+    }
+}
+
+/// Which operand's blocks the outer loop of a product walks.
+#[derive(Clone, Copy)]
+pub(crate) enum Order {
+    /// Column blocks of B outside ([`matmul`]): all of A is read once per column block.
+    Columns,
+    /// Blocks of A's rows (one micro-kernel call's) outside, each against every column block of
+    /// B: A's rows are read once and B whole per row block, which is better where A is the larger
+    /// operand in L1 (the forward's P V at short sequences, A the score tile through strides).
+    Rows,
+}
+
+/// [`matmul`] with the outer loop over `order`'s blocks.
+///
+/// # Safety
+/// As [`matmul`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_in<S: Simd, const N: usize>(
+    order: Order,
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: Scale,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    c: *mut f32,
+    rsc: usize,
+    accumulate: bool,
+    ahead: &mut Option<Ahead<N>>,
+) {
+    let Order::Rows = order else {
+        return matmul::<S, N>(m, n, k, alpha, a, rsa, csa, b, rsb, c, rsc, accumulate, ahead);
+    };
+    let mut r0 = 0;
+    while r0 < m {
+        // One call's rows: `matmul` over them runs one call per column block.
+        let rows = row_block(m - r0);
+        let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.skip_rows(r0));
+        matmul::<S, N>(rows, n, k, alpha, a0, rsa, csa, b, rsb, c0, rsc, accumulate, ahead);
+        r0 += rows;
     }
 }
 
