@@ -411,9 +411,12 @@ unsafe fn forward_head<S: Simd>(
             let nk = bk.min(seq - j0);
             let first = j0 == 0;
             // S^T of this tile: scale * K_j Q_i^T (padding columns come out 0 and stay unused), in
-            // base-2 units (times log2 e) for `exp2_nonpos`.
+            // base-2 units (times log2 e) for `exp2_nonpos`. Rows outer: each block of K's rows
+            // is read once, against Q^T whole (16 KiB at head_dim 64, in L1) (paired calls, one thread:
+            // 0.8-2.5% faster at 57 tokens, 2.3% at 256, 3.6% at 576).
             let stp = st.as_mut_ptr();
-            tile::matmul::<S, _>(
+            tile::matmul_in::<S, _>(
+                Order::Rows,
                 nk,
                 bqp,
                 hd,

@@ -226,8 +226,9 @@ pub(crate) enum Order {
     /// Column blocks of B outside ([`matmul`]): all of A is read once per column block.
     Columns,
     /// Blocks of A's rows (one micro-kernel call's) outside, each against every column block of
-    /// B: A's rows are read once and B whole per row block, which is better where A is the larger
-    /// operand in L1 (the forward's P V at short sequences, A the score tile through strides).
+    /// B: A's rows are read once and B whole per row block, which is better where B stays in L1
+    /// and A is the larger operand (the attention forward's scores against Q^T, and its P V at
+    /// short sequences, where A is the score tile read through strides).
     Rows,
 }
 
