@@ -21,6 +21,7 @@ use super::{math, softmax::dot_serial};
 use crate::error::{check_len, check_min_len, Result, TensorError};
 use crate::par::{self, SendPtr};
 use crate::simd::{isa, Simd};
+use std::f32::consts::{LN_2, LOG2_E};
 
 /// Query rows per tile.
 pub const BLOCK_Q: usize = 64;
@@ -283,8 +284,9 @@ impl super::Unary for Mul {
 /// One key tile's scores, transposed (`nk` key rows of `cols` query columns, rows `ld` apart), made
 /// unnormalised probabilities in place. Scores are in base-2 units (the product's scale carries
 /// log2 e). Per query column: `m = max(m_old, column max)`, `l = l_old * 2^(m_old - m) + sum of
-/// 2^(s - m)`, and with `first` false `alpha = 2^(m_old - m)` for rescaling the accumulated output. Every step runs down the columns a vector of queries at a
-/// time, so no query needs a horizontal maximum or sum (the per-row form, scores with keys along
+/// 2^(s - m)`, and with `first` false `alpha = 2^(m_old - m)` for rescaling the accumulated
+/// output. Every step runs down the columns a vector of queries at a time, so no query needs a
+/// horizontal maximum or sum (the per-row form, scores with keys along
 /// the rows, took 16% of the forward at 57 tokens; this one 10-12%).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -420,7 +422,7 @@ unsafe fn forward_head<S: Simd>(
                 nk,
                 bqp,
                 hd,
-                Scale::All(scale * std::f32::consts::LOG2_E),
+                Scale::All(scale * LOG2_E),
                 k.add(j0 * ldk),
                 ldk,
                 1,
@@ -495,7 +497,7 @@ unsafe fn forward_head<S: Simd>(
             // entries past `bq` are padding, computed on and never stored.
             for c in (0..bqp).step_by(S::LANES) {
                 let ln_l = math::ln_pos::<S>(S::load(l.as_ptr().add(c)));
-                let lse = S::fma(S::load(m.as_ptr().add(c)), S::splat(std::f32::consts::LN_2), ln_l);
+                let lse = S::fma(S::load(m.as_ptr().add(c)), S::splat(LN_2), ln_l);
                 S::store(l.as_mut_ptr().add(c), lse);
             }
             std::ptr::copy_nonoverlapping(l.as_ptr(), lp.add(i0), bq);
@@ -694,7 +696,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 bq,
                 nkp,
                 hd,
-                Scale::All(scale * std::f32::consts::LOG2_E),
+                Scale::All(scale * LOG2_E),
                 qi,
                 ldq,
                 1,
@@ -706,7 +708,7 @@ unsafe fn backward_head<S: Simd>(s: &AttnShape, p: &HeadPtrs, lse: &[f32], scale
                 &mut ahead,
             );
             for r in 0..bq {
-                exp2_shift::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r] * std::f32::consts::LOG2_E);
+                exp2_shift::<S>(&mut pm[r * nkp..(r + 1) * nkp], nk, lse[i0 + r] * LOG2_E);
             }
             // dV_j (=|+=) P^T dO_i.
             tile::matmul::<S, _>(

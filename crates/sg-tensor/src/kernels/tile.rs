@@ -126,16 +126,19 @@ impl<const N: usize> Ahead<N> {
     }
 }
 
-/// Rows of the next micro-kernel call with `left` rows to go: MR, except that the last 7 to 10
-/// rows are two blocks of 4 or 5 (57 rows: 8 x 6 + 5 + 4, not 9 x 6 + 3): a block of 3 rows or
-/// fewer keeps too few sums in flight to cover the FMA's latency and loads more per FMA.
+/// `(first row, rows)` of each micro-kernel call over `m` rows: MR at a time, except that the last
+/// 7 to 10 rows are two blocks of 4 or 5 (57 rows: 8 x 6 + 5 + 4, not 9 x 6 + 3): a block of 3
+/// rows or fewer keeps too few sums in flight to cover the FMA's latency and loads more per FMA.
 #[inline(always)]
-fn row_block(left: usize) -> usize {
-    if left > 2 * MR - 2 || left <= MR {
-        left.min(MR)
-    } else {
-        left.div_ceil(2)
-    }
+fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut r0 = 0;
+    std::iter::from_fn(move || {
+        let left = m - r0;
+        let n = if left > 2 * MR - 2 || left <= MR { left.min(MR) } else { left.div_ceil(2) };
+        let block = (r0, n);
+        r0 += n;
+        (n > 0).then_some(block)
+    })
 }
 
 #[inline(always)]
@@ -154,9 +157,7 @@ unsafe fn rows_block<S: Simd, const NV: usize, const N: usize>(
     acc: bool,
     ahead: &mut Option<Ahead<N>>,
 ) {
-    let mut r0 = 0;
-    while r0 < rows {
-        let n = row_block(rows - r0);
+    for (r0, n) in row_blocks(rows) {
         let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.skip_rows(r0));
         if let Some(ah) = ahead.as_mut() {
             ah.step::<S>();
@@ -169,7 +170,6 @@ unsafe fn rows_block<S: Simd, const NV: usize, const N: usize>(
             5 => micro::<S, 5, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
             _ => micro::<S, MR, NV>(k, alpha, a0, rsa, csa, b, rsb, c0, rsc, acc),
         }
-        r0 += n;
     }
 }
 
@@ -257,13 +257,10 @@ pub(crate) unsafe fn matmul_in<S: Simd, const N: usize>(
     let Order::Rows = order else {
         return matmul::<S, N>(m, n, k, alpha, a, rsa, csa, b, rsb, c, rsc, accumulate, ahead);
     };
-    let mut r0 = 0;
-    while r0 < m {
-        // One call's rows: `matmul` over them runs one call per column block.
-        let rows = row_block(m - r0);
+    // One call's rows at a time: `matmul` over them runs one call per column block.
+    for (r0, rows) in row_blocks(m) {
         let (a0, c0, alpha) = (a.add(r0 * rsa), c.add(r0 * rsc), alpha.skip_rows(r0));
         matmul::<S, N>(rows, n, k, alpha, a0, rsa, csa, b, rsb, c0, rsc, accumulate, ahead);
-        r0 += rows;
     }
 }
 
